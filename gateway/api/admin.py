@@ -1,0 +1,99 @@
+"""Admin API: tenants, keys and everyone's usage. Every route needs HDG_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.deps import SessionDep, require_admin
+from gateway.api.serialize import key_body, tenant_body
+from gateway.api.usage import Limit, Since, as_utc, usage_list
+from gateway.auth import create_tenant_with_key, issue_key
+from gateway.errors import NotFound
+from gateway.storage import repo
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    rpm: int | None = Field(default=None, ge=1)
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+
+
+class TenantUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["active", "disabled"] | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, session: SessionDep) -> dict[str, Any]:
+    """Create a tenant and its first key; the key is in this response and nowhere else."""
+    async with session.begin():
+        tenant, key, plaintext = await create_tenant_with_key(
+            session, name=body.name, rpm=body.rpm, monthly_budget_usd=body.monthly_budget_usd
+        )
+    return {"tenant": tenant_body(tenant), "tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
+
+
+@router.get("/tenants")
+async def list_tenants(session: SessionDep) -> dict[str, Any]:
+    return {"object": "list", "data": [tenant_body(t) for t in await repo.list_tenants(session)]}
+
+
+@router.patch("/tenants/{tenant_id}")
+async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep) -> dict[str, Any]:
+    """Enable or disable a tenant, or change its limits; fields left out stay as they are."""
+    async with session.begin():
+        tenant = await repo.get_tenant(session, tenant_id=tenant_id)
+        if tenant is None:
+            raise NotFound(f"No tenant with id '{tenant_id}'.")
+        for field in body.model_fields_set:
+            setattr(tenant, field, getattr(body, field))
+    return tenant_body(tenant)
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+async def create_key(tenant_id: str, session: SessionDep) -> dict[str, Any]:
+    async with session.begin():
+        if await repo.get_tenant(session, tenant_id=tenant_id) is None:
+            raise NotFound(f"No tenant with id '{tenant_id}'.")
+        key, plaintext = await issue_key(session, tenant_id=tenant_id)
+    return {**key_body(key), "api_key": plaintext}
+
+
+@router.get("/tenants/{tenant_id}/keys")
+async def list_keys(tenant_id: str, session: SessionDep) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [key_body(k) for k in await repo.list_keys(session, tenant_id=tenant_id)],
+    }
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
+    async with session.begin():
+        key = await repo.revoke_key(session, key_id=key_id)
+        if key is None:
+            raise NotFound(f"No key with id '{key_id}'.")
+    return key_body(key)
+
+
+@router.get("/usage")
+async def all_usage(
+    session: SessionDep,
+    tenant_id: str | None = None,
+    since: Since = None,
+    until: Since = None,
+    limit: Limit = 1000,
+) -> dict[str, Any]:
+    events = await repo.list_usage(session, tenant_id=tenant_id, since=as_utc(since), until=as_utc(until), limit=limit)
+    return usage_list(events)

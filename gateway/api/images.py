@@ -1,0 +1,181 @@
+"""OpenAI-compatible image generation: ``POST /v1/images/generations``."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
+from gateway.backends.base import ImageJob
+from gateway.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.metering import check_budget
+from gateway.storage import repo
+from gateway.storage.models import Prediction, StoredFile, utcnow
+from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
+
+router = APIRouter(tags=["images"])
+
+DEFAULT_MODEL = "hidream-i1-fast"
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MIN_SIDE, MAX_SIDE = 64, 4096
+MAX_SEED = 2**32 - 1
+
+
+class ImageGenerationRequest(BaseModel):
+    """The OpenAI images API body, plus HiDream's own knobs; unknown OpenAI fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str = DEFAULT_MODEL
+    n: int = Field(default=1, ge=1, le=4)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+
+
+def parse_size(size: str | None) -> tuple[int, int]:
+    """``WxH`` (or ``auto``) mapped to the nearest supported HiDream resolution."""
+    if size is None or size == "auto":
+        return 1024, 1024
+    match = _SIZE.match(size)
+    if not match:
+        raise InvalidRequest(f"Invalid size '{size}': expected WIDTHxHEIGHT, e.g. 1024x1024.", param="size")
+    width, height = int(match[1]), int(match[2])
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise InvalidRequest(f"Invalid size '{size}': each side must be {MIN_SIDE}-{MAX_SIDE}.", param="size")
+    return nearest_resolution(width, height)
+
+
+def _check_text(value: str | None, param: str, limit: int) -> None:
+    if value is not None and len(value) > limit:
+        raise InvalidRequest(
+            f"'{param}' is {len(value)} characters long; the limit is {limit}.",
+            param=param,
+            code="string_above_max_length",
+        )
+
+
+def _created(at: datetime) -> int:
+    return int(at.timestamp())
+
+
+def _file_entry(
+    f: StoredFile, *, base_url: str, state: StateDep, b64: bytes | None, revised: bool = True
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"b64_json": base64.b64encode(b64).decode()} if b64 is not None else {}
+    if b64 is None:
+        entry["url"] = state.signer.sign(base_url, f.id)
+    entry["revised_prompt"] = None
+    entry["file_id"] = f.id
+    return entry
+
+
+def _prediction_body(p: Prediction, data: list[dict[str, Any]], output_format: str) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "created": _created(p.created_at),
+        "model": p.model,
+        "status": p.status,
+        "size": f"{p.width}x{p.height}",
+        "output_format": output_format,
+        "seed": p.seed,
+        "backend": p.backend,
+        "data": data,
+    }
+
+
+@router.post("/v1/images/generations")
+async def create_image(
+    body: ImageGenerationRequest,
+    principal: PrincipalDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> dict[str, Any]:
+    """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions)."""
+    variant = variant_for_model(body.model)
+    if variant is None:
+        raise ModelNotFound(
+            f"The model '{body.model}' does not exist. Available: {', '.join(sorted(MODEL_IDS))}.",
+            param="model",
+        )
+    if body.stream:
+        raise InvalidRequest("Streaming image generation is not supported.", param="stream")
+    limit = state.settings.max_prompt_chars
+    if not body.prompt.strip():
+        raise InvalidRequest("'prompt' must not be blank.", param="prompt")
+    _check_text(body.prompt, "prompt", limit)
+    _check_text(body.negative_prompt, "negative_prompt", limit)
+    width, height = parse_size(body.size)
+
+    state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
+    async with state.sessions() as session:
+        await check_budget(session, tenant=principal.tenant, now=utcnow())
+
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    job = ImageJob(
+        variant=variant.name,
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        seed=seed,
+        n=body.n,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        output_format=body.output_format,
+        quality=body.output_compression if body.output_compression is not None else 90,
+    )
+    params = body.model_dump(exclude={"prompt"}, exclude_none=True) | {
+        "seed": seed,
+        "size": f"{width}x{height}",
+    }
+    done = await state.images.generate(principal=principal, model=variant.model_id, job=job, params=params)
+
+    base_url = public_base_url(request, state)
+    b64 = body.response_format == "b64_json"
+    data = [
+        _file_entry(f, base_url=base_url, state=state, b64=done.result.images[i] if b64 else None)
+        for i, f in enumerate(done.files)
+    ]
+    response.headers["X-HDG-Backend"] = done.backend
+    response.headers["X-HDG-Prediction-Id"] = done.prediction.id
+    return _prediction_body(done.prediction, data, body.output_format)
+
+
+@router.get("/v1/images/generations/{prediction_id}")
+async def get_generation(
+    prediction_id: Annotated[str, Field(max_length=64)],
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+) -> dict[str, Any]:
+    """A past generation of the caller's, with fresh signed URLs; another tenant's id is a 404."""
+    p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    if p is None:
+        raise NotFound(f"No generation with id '{prediction_id}'.", param="id")
+    files = await repo.list_files(session, prediction_id=p.id)
+    base_url = public_base_url(request, state)
+    body = _prediction_body(
+        p,
+        [_file_entry(f, base_url=base_url, state=state, b64=None) for f in files],
+        p.params.get("output_format", "png"),
+    )
+    if p.error:
+        body["error"] = p.error
+    return body

@@ -1,0 +1,64 @@
+"""JSON shapes shared by the API and the CLI. Money is a decimal string, so no cent is lost to floats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.storage.models import ApiKey, Tenant, UsageEvent
+
+USAGE_FIELDS = (
+    "id",
+    "created_at",
+    "tenant_id",
+    "api_key_id",
+    "prediction_id",
+    "model",
+    "width",
+    "height",
+    "images",
+    "backend",
+    "price_usd",
+    "latency_ms",
+    "status",
+)
+
+
+def usage_row(e: UsageEvent) -> dict[str, Any]:
+    """One usage event as a flat dict (also the CSV row)."""
+    return {
+        "id": e.id,
+        "created_at": e.created_at.isoformat(),
+        "tenant_id": e.tenant_id,
+        "api_key_id": e.api_key_id,
+        "prediction_id": e.prediction_id,
+        "model": e.model,
+        "width": e.width,
+        "height": e.height,
+        "images": e.images,
+        "backend": e.backend,
+        "price_usd": f"{e.price_usd:.6f}",
+        "latency_ms": e.latency_ms,
+        "status": e.status,
+    }
+
+
+def tenant_body(t: Tenant) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "status": t.status,
+        "rpm": t.rpm,
+        "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.2f}",
+        "created_at": t.created_at.isoformat(),
+    }
+
+
+def key_body(k: ApiKey) -> dict[str, Any]:
+    """A key as listed: only its display prefix, never the secret or its hash."""
+    return {
+        "id": k.id,
+        "tenant_id": k.tenant_id,
+        "display_prefix": k.display_prefix,
+        "created_at": k.created_at.isoformat(),
+        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+    }

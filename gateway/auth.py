@@ -1,0 +1,110 @@
+"""API keys: generation, hashing, and resolving a request's bearer token to a tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.storage import repo
+from gateway.storage.models import ApiKey, Tenant
+
+KEY_PREFIX = "hdg_"
+DISPLAY_CHARS = 12
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A freshly generated key: ``plaintext`` is shown once and never stored."""
+
+    plaintext: str
+    key_hash: str
+    display_prefix: str
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant and the key they used."""
+
+    tenant: Tenant
+    key: ApiKey
+
+
+def hash_key(plaintext: str) -> str:
+    """SHA-256 of the key.
+
+    A fast hash is enough because keys carry 256 random bits: nobody can brute-force them, so a slow
+    password hash would only add latency to every request.
+    """
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def generate_key() -> NewKey:
+    """A new key: recognisable prefix plus 32 random bytes (URL-safe base64)."""
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    return NewKey(plaintext, hash_key(plaintext), plaintext[:DISPLAY_CHARS])
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token from an ``Authorization: Bearer ...`` header, or 401."""
+    if not authorization:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer YOUR_KEY'.")
+    return token.strip()
+
+
+class ApiKeyAuthenticator:
+    """Resolves a bearer token to a Principal; raises 401 for unknown keys, 403 for revoked or disabled ones.
+
+    Example: ``principal = await ApiKeyAuthenticator().authenticate(session, "Bearer hdg_...")``.
+    """
+
+    async def authenticate(self, session: AsyncSession, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        digest = hash_key(token)
+        found = await repo.find_key_by_hash(session, key_hash=digest)
+        # The lookup is by hash, so timing reveals nothing about the plaintext; compare again in
+        # constant time so a future change to the lookup cannot turn this into an oracle.
+        if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+            raise AuthenticationFailed("Incorrect API key provided.")
+        key, tenant = found
+        if key.revoked_at is not None:
+            raise PermissionDenied("This API key has been revoked.", code="api_key_revoked")
+        if tenant.status != "active":
+            raise PermissionDenied("This tenant is disabled.", code="tenant_disabled")
+        return Principal(tenant=tenant, key=key)
+
+
+def check_admin_token(expected: str | None, authorization: str | None) -> None:
+    """Admin endpoints need HDG_ADMIN_TOKEN; without one configured they are closed."""
+    if expected is None:
+        raise PermissionDenied("The admin API is disabled: set HDG_ADMIN_TOKEN to enable it.")
+    token = bearer_token(authorization)
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthenticationFailed("Incorrect admin token.", code="invalid_admin_token")
+
+
+async def issue_key(session: AsyncSession, *, tenant_id: str) -> tuple[ApiKey, str]:
+    """Create a key for a tenant; returns the row and the plaintext, which exists nowhere else."""
+    new = generate_key()
+    key = await repo.add_key(session, tenant_id=tenant_id, key_hash=new.key_hash, display_prefix=new.display_prefix)
+    return key, new.plaintext
+
+
+async def create_tenant_with_key(
+    session: AsyncSession, *, name: str, rpm: int | None = None, monthly_budget_usd: Decimal | None = None
+) -> tuple[Tenant, ApiKey, str]:
+    """Create a tenant and its first key, in the caller's transaction."""
+    tenant = await repo.create_tenant(session, name=name, rpm=rpm, monthly_budget_usd=monthly_budget_usd)
+    key, plaintext = await issue_key(session, tenant_id=tenant.id)
+    return tenant, key, plaintext

@@ -1,0 +1,225 @@
+"""The ``hidream-gateway`` command: serve, demo, db, tenants, keys, usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.api.serialize import USAGE_FIELDS, key_body, tenant_body, usage_row
+from gateway.auth import create_tenant_with_key, issue_key
+from gateway.settings import Settings
+from gateway.storage import repo
+from gateway.storage.db import open_database, session_factory
+
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _run_db(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Migrate, then run ``work`` in one transaction."""
+
+    async def main() -> T:
+        async with open_database(settings.resolved_database_url) as engine, session_factory(engine).begin() as session:
+            return await work(session)
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(main())
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=None))
+
+
+def _budget(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if amount < 0 or not amount.is_finite():
+        raise argparse.ArgumentTypeError("must be a non-negative amount in USD")
+    return amount
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return int(value)
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> None:
+    async def main() -> None:
+        async with open_database(settings.resolved_database_url):
+            pass
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(main())
+    print("database is at the latest schema revision")
+
+
+def cmd_tenants_create(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        tenant, key, plaintext = await create_tenant_with_key(
+            session, name=args.name, rpm=args.rpm, monthly_budget_usd=args.monthly_budget_usd
+        )
+        return {"tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
+
+    _print_json(_run_db(settings, work))
+
+
+def cmd_tenants_list(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        return [tenant_body(t) for t in await repo.list_tenants(session)]
+
+    _print_json(_run_db(settings, work))
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        if await repo.get_tenant(session, tenant_id=args.tenant_id) is None:
+            raise CliError(f"no tenant with id {args.tenant_id!r}")
+        key, plaintext = await issue_key(session, tenant_id=args.tenant_id)
+        return {"tenant_id": args.tenant_id, "key_id": key.id, "api_key": plaintext}
+
+    _print_json(_run_db(settings, work))
+
+
+def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        key = await repo.revoke_key(session, key_id=args.key_id)
+        if key is None:
+            raise CliError(f"no key with id {args.key_id!r}")
+        return key_body(key)
+
+    _print_json(_run_db(settings, work))
+
+
+def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        events = await repo.list_usage(session, tenant_id=args.tenant, limit=1_000_000)
+        return [usage_row(e) for e in events]
+
+    rows = _run_db(settings, work)
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(USAGE_FIELDS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _print_json(rows)
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    _serve(settings, args.host, args.port)
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
+    """Create (or reuse) the demo tenant, give it a fresh key, print how to call it, then serve."""
+
+    async def work(session: AsyncSession) -> tuple[str, str]:
+        tenant = await repo.find_tenant_by_name(session, name="demo")
+        if tenant is None:
+            tenant, _key, plaintext = await create_tenant_with_key(session, name="demo")
+        else:
+            _key, plaintext = await issue_key(session, tenant_id=tenant.id)
+        return tenant.id, plaintext
+
+    tenant_id, api_key = _run_db(settings, work)
+    base = settings.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"  # noqa: S104
+    body = json.dumps({"model": "hidream-i1-fast", "prompt": "a lighthouse on a cliff at dusk"})
+    curl = (
+        f"curl -s {base}/v1/images/generations -H 'Authorization: Bearer {api_key}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+    save = (
+        f"{curl} | python3 -c 'import json,sys,urllib.request; "
+        f'sys.stdout.buffer.write(urllib.request.urlopen(json.load(sys.stdin)["data"][0]["url"]).read())'
+        "' > demo.png"
+    )
+    print(
+        f"\nDemo tenant {tenant_id}; API key (shown once): {api_key}\n\n"
+        f"Generate an image (JSON with a signed URL):\n  {curl}\n\n"
+        f"Generate and save it as demo.png:\n  {save}\n",
+        flush=True,
+    )
+    _serve(settings, args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hidream-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="create a demo tenant and key, print a curl line, and serve")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(func=cmd_demo)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="migrate to the latest schema").set_defaults(func=cmd_db_upgrade)
+
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
+    create = tenants.add_parser("create", help="create a tenant and its first API key")
+    create.add_argument("name")
+    create.add_argument("--rpm", type=_positive, default=None, help="requests per minute limit")
+    create.add_argument("--monthly-budget-usd", type=_budget, default=None)
+    create.set_defaults(func=cmd_tenants_create)
+    tenants.add_parser("list", help="list tenants").set_defaults(func=cmd_tenants_list)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    kcreate = keys.add_parser("create", help="create another key for a tenant")
+    kcreate.add_argument("tenant_id")
+    kcreate.set_defaults(func=cmd_keys_create)
+    krevoke = keys.add_parser("revoke", help="revoke a key")
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(func=cmd_keys_revoke)
+
+    usage = sub.add_parser("usage", help="list usage events")
+    usage.add_argument("--tenant", default=None)
+    usage.add_argument("--format", choices=["json", "csv"], default="json")
+    usage.set_defaults(func=cmd_usage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``hidream-gateway`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"hidream-gateway: invalid settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        args.func(settings, args)
+    except CliError as exc:
+        print(f"hidream-gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

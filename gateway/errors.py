@@ -1,0 +1,171 @@
+"""Domain errors, and the one place where they become HTTP responses in OpenAI's error format."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("hidream_gateway")
+
+
+class GatewayError(Exception):
+    """An error a client can be told about: an HTTP status and an OpenAI-style error body."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class AuthenticationFailed(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(RateLimited):
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class BackendBusy(GatewayError):
+    """Every backend that could serve the request is at capacity; try again after ``retry_after`` seconds."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "backend_busy"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    code = "backend_unavailable"
+
+
+class BackendFailed(GatewayError):
+    status_code = 502
+    error_type = "server_error"
+    code = "backend_error"
+
+
+class GenerationTimeout(GatewayError):
+    status_code = 504
+    error_type = "server_error"
+    code = "timeout"
+
+
+def error_response(exc: GatewayError) -> JSONResponse:
+    """Render a GatewayError as a JSON response."""
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    if error.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if error.get("type") == "model_attributes_type":
+        return "The request body must be a JSON object.", None
+    param = ".".join(loc) or None
+    msg = error.get("msg", "Invalid value")
+    if param is None:
+        return f"Invalid request: {msg}.", None
+    if error.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    return f"Invalid value for '{param}': {msg}.", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error to the OpenAI error format; nothing reaches the client as a bare 500 page."""
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc.errors()[0])
+        return error_response(InvalidRequest(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = GatewayError(str(exc.detail), code=None)
+        err.status_code, err.error_type = exc.status_code, "invalid_request_error"
+        if exc.status_code == 404:
+            err.message, err.code = f"Unknown path {request.url.path}.", "not_found"
+        elif exc.status_code == 405:
+            err.message, err.code = f"Method {request.method} is not allowed here.", "method_not_allowed"
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        log.exception("unhandled error (request %s)", request_id)
+        return error_response(GatewayError(f"Internal error; quote request id {request_id} to support."))

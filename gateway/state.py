@@ -1,0 +1,27 @@
+"""The shared resources one gateway process holds, built in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from gateway.auth import ApiKeyAuthenticator
+from gateway.backends.base import Backend
+from gateway.jobs import ImageService
+from gateway.metering import RateLimiter
+from gateway.settings import Settings
+from gateway.storage.files import FileStore, UrlSigner
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    files: FileStore
+    signer: UrlSigner
+    backends: list[Backend]
+    images: ImageService
+    authenticator: ApiKeyAuthenticator
+    rate_limiter: RateLimiter

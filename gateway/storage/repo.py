@@ -1,0 +1,175 @@
+"""Repository functions: every query the gateway makes, keyword-only arguments, a session first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.storage.models import ApiKey, Prediction, StoredFile, Tenant, UsageEvent, utcnow
+
+
+async def create_tenant(
+    session: AsyncSession, *, name: str, rpm: int | None = None, monthly_budget_usd: Decimal | None = None
+) -> Tenant:
+    tenant = Tenant(name=name, rpm=rpm, monthly_budget_usd=monthly_budget_usd, status="active")
+    session.add(tenant)
+    await session.flush()
+    return tenant
+
+
+async def get_tenant(session: AsyncSession, *, tenant_id: str) -> Tenant | None:
+    return await session.get(Tenant, tenant_id)
+
+
+async def find_tenant_by_name(session: AsyncSession, *, name: str) -> Tenant | None:
+    result = await session.scalars(select(Tenant).where(Tenant.name == name).order_by(Tenant.created_at))
+    return result.first()
+
+
+async def list_tenants(session: AsyncSession) -> Sequence[Tenant]:
+    return (await session.scalars(select(Tenant).order_by(Tenant.created_at))).all()
+
+
+async def add_key(session: AsyncSession, *, tenant_id: str, key_hash: str, display_prefix: str) -> ApiKey:
+    key = ApiKey(tenant_id=tenant_id, key_hash=key_hash, display_prefix=display_prefix)
+    session.add(key)
+    await session.flush()
+    return key
+
+
+async def get_key(session: AsyncSession, *, key_id: str) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
+
+
+async def list_keys(session: AsyncSession, *, tenant_id: str) -> Sequence[ApiKey]:
+    stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
+    return (await session.scalars(stmt)).all()
+
+
+async def revoke_key(session: AsyncSession, *, key_id: str) -> ApiKey | None:
+    """Mark a key revoked (idempotent: the first revocation time is kept)."""
+    key = await session.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+async def find_key_by_hash(session: AsyncSession, *, key_hash: str) -> tuple[ApiKey, Tenant] | None:
+    stmt = select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.key_hash == key_hash)
+    row = (await session.execute(stmt)).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+async def create_prediction(session: AsyncSession, **fields: Any) -> Prediction:
+    prediction = Prediction(status="processing", **fields)
+    session.add(prediction)
+    await session.flush()
+    return prediction
+
+
+async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
+    """A tenant's prediction; another tenant's id reads as missing."""
+    stmt = select(Prediction).where(Prediction.id == prediction_id, Prediction.tenant_id == tenant_id)
+    return (await session.scalars(stmt)).first()
+
+
+async def finish_prediction(
+    session: AsyncSession,
+    *,
+    prediction: Prediction,
+    status: str,
+    backend: str | None,
+    latency_ms: int,
+    price_usd: Decimal,
+    images: int,
+    width: int,
+    height: int,
+    error: str | None = None,
+    files: Sequence[StoredFile] = (),
+) -> bool:
+    """Settle a prediction: mark it terminal and write its one usage event, in the caller's transaction.
+
+    Only a prediction still ``processing`` is settled, so a retried or concurrent settle bills nothing
+    twice; returns False when it had already been settled.
+    """
+    now = utcnow()
+    settled = await session.execute(
+        update(Prediction)
+        .where(Prediction.id == prediction.id, Prediction.status == "processing")
+        .values(
+            status=status,
+            backend=backend,
+            latency_ms=latency_ms,
+            error=error,
+            completed_at=now,
+            width=width,
+            height=height,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(settled, "rowcount", 0) != 1:
+        return False
+    session.add_all(files)
+    session.add(
+        UsageEvent(
+            prediction_id=prediction.id,
+            tenant_id=prediction.tenant_id,
+            api_key_id=prediction.api_key_id,
+            model=prediction.model,
+            width=width,
+            height=height,
+            images=images,
+            backend=backend,
+            price_usd=price_usd,
+            latency_ms=latency_ms,
+            status=status,
+            created_at=now,
+        )
+    )
+    await session.flush()
+    return True
+
+
+async def list_files(session: AsyncSession, *, prediction_id: str) -> Sequence[StoredFile]:
+    stmt = select(StoredFile).where(StoredFile.prediction_id == prediction_id).order_by(StoredFile.position)
+    return (await session.scalars(stmt)).all()
+
+
+async def get_file(session: AsyncSession, *, file_id: str, tenant_id: str | None = None) -> StoredFile | None:
+    """A stored file; with ``tenant_id``, only that tenant's (another tenant's reads as missing)."""
+    stmt = select(StoredFile).where(StoredFile.id == file_id)
+    if tenant_id is not None:
+        stmt = stmt.where(StoredFile.tenant_id == tenant_id)
+    return (await session.scalars(stmt)).first()
+
+
+async def list_usage(
+    session: AsyncSession,
+    *,
+    tenant_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 1000,
+) -> Sequence[UsageEvent]:
+    """Usage events, oldest first."""
+    stmt = select(UsageEvent).order_by(UsageEvent.created_at, UsageEvent.id).limit(limit)
+    if tenant_id is not None:
+        stmt = stmt.where(UsageEvent.tenant_id == tenant_id)
+    if since is not None:
+        stmt = stmt.where(UsageEvent.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(UsageEvent.created_at < until)
+    return (await session.scalars(stmt)).all()
+
+
+async def spend_since(session: AsyncSession, *, tenant_id: str, since: datetime) -> Decimal:
+    """What a tenant has been billed since ``since``."""
+    stmt = select(func.coalesce(func.sum(UsageEvent.price_usd), 0)).where(
+        UsageEvent.tenant_id == tenant_id, UsageEvent.created_at >= since, UsageEvent.status == "succeeded"
+    )
+    return Decimal(str(await session.scalar(stmt)))

@@ -1,0 +1,172 @@
+"""Load a HiDream-I1 diffusers pipeline from local directories and generate encoded images."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from inference.variants import VARIANTS, Variant, scheduler_config
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import HiDreamImagePipeline
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One generation request, already validated and resolved to a supported resolution."""
+
+    prompt: str
+    variant: Variant
+    width: int
+    height: int
+    seed: int
+    n: int = 1
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    output_format: OutputFormat = "png"
+    quality: int = 90
+
+    @property
+    def steps(self) -> int:
+        """Steps to run: the request's, else the variant's recommendation."""
+        return self.num_inference_steps or self.variant.steps
+
+    @property
+    def guidance(self) -> float:
+        """Guidance scale to use: the request's, else the variant's recommendation."""
+        return self.variant.guidance_scale if self.guidance_scale is None else self.guidance_scale
+
+
+@dataclass
+class Generation:
+    """Encoded images with the size they really have and where the time went."""
+
+    images: list[bytes]
+    width: int
+    height: int
+    content_type: str
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device() -> tuple[str, Any]:
+    """The best local device and the dtype to run on it (bf16 on GPUs, fp32 on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def encode_image(image: Any, fmt: OutputFormat, quality: int) -> bytes:
+    """Encode a PIL image as PNG, JPEG or WebP bytes."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        image.save(buf, format="WEBP", quality=quality)
+    return buf.getvalue()
+
+
+class HiDreamRunner:
+    """A loaded pipeline that serves any variant's presets; one generation runs at a time.
+
+    Example::
+
+        runner = HiDreamRunner.load("/weights/HiDream-I1-Fast", llama_path="/weights/llama-3.1-8b")
+        gen = runner.generate(GenerateParams("a red fox", VARIANTS["fast"], 1024, 1024, seed=7))
+    """
+
+    def __init__(self, pipe: HiDreamImagePipeline, *, device: str, load_seconds: float = 0.0) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.load_seconds = load_seconds
+        self._lock = threading.Lock()
+        self._schedulers = {name: _make_scheduler(v) for name, v in VARIANTS.items()}
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path | str,
+        *,
+        llama_path: Path | str | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> HiDreamRunner:
+        """Load the pipeline from ``model_path``; Llama from ``llama_path`` when it is kept apart."""
+        from diffusers import HiDreamImagePipeline
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        start = time.perf_counter()
+        auto_device, auto_dtype = pick_device()
+        device, dtype = device or auto_device, dtype or auto_dtype
+        extra: dict[str, Any] = {}
+        if llama_path is not None:
+            extra["tokenizer_4"] = AutoTokenizer.from_pretrained(llama_path)
+            # HiDream reads every hidden layer of Llama; eager attention can also return attentions.
+            extra["text_encoder_4"] = LlamaForCausalLM.from_pretrained(
+                llama_path,
+                output_hidden_states=True,
+                output_attentions=True,
+                attn_implementation="eager",
+                dtype=dtype,
+            )
+        pipe = HiDreamImagePipeline.from_pretrained(str(model_path), dtype=dtype, **extra)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, device=device, load_seconds=time.perf_counter() - start)
+
+    def generate(self, params: GenerateParams) -> Generation:
+        """Run the pipeline and return encoded images; the same params and seed give the same pixels."""
+        import torch
+
+        with self._lock:
+            self.pipe.scheduler = self._schedulers[params.variant.name]
+            # One generator per image: image i depends only on seed + i, whatever n is.
+            generators = [
+                torch.Generator(device=self.device).manual_seed((params.seed + i) % (MAX_SEED + 1))
+                for i in range(params.n)
+            ]
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.pipe(
+                    prompt=[params.prompt] * params.n,
+                    negative_prompt=[params.negative_prompt or ""] * params.n if params.guidance > 1.0 else None,
+                    width=params.width,
+                    height=params.height,
+                    num_inference_steps=params.steps,
+                    guidance_scale=params.guidance,
+                    generator=generators,
+                    output_type="pil",
+                )
+            infer_s = time.perf_counter() - start
+        start = time.perf_counter()
+        encoded = [encode_image(img, params.output_format, params.quality) for img in out.images]
+        width, height = out.images[0].size
+        return Generation(
+            images=encoded,
+            width=width,
+            height=height,
+            content_type=CONTENT_TYPES[params.output_format],
+            seed=params.seed,
+            timings={"inference_s": infer_s, "encode_s": time.perf_counter() - start},
+        )
+
+
+def _make_scheduler(variant: Variant) -> Any:
+    import diffusers
+
+    cls_name, config = scheduler_config(variant)
+    return getattr(diffusers, cls_name).from_config(config)
