@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``hidream-gateway`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command not in ("serve", "demo"):
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # keep one-shot commands' output clean
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -107,8 +107,13 @@ class HiDreamRunner:
     ) -> HiDreamRunner:
         """Load the pipeline from ``model_path``; Llama from ``llama_path`` when it is kept apart."""
         from diffusers import HiDreamImagePipeline
+        from diffusers.utils import logging as diffusers_logging
         from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers.utils import logging as transformers_logging
 
+        # Progress bars are noise in a server's log.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         start = time.perf_counter()
         auto_device, auto_dtype = pick_device()
         device, dtype = device or auto_device, dtype or auto_dtype
@@ -140,7 +145,11 @@ class HiDreamRunner:
                 for i in range(params.n)
             ]
             start = time.perf_counter()
-            with torch.inference_mode():
+            # The flash (LCM) scheduler draws fresh noise every step from torch's global RNG (the pipeline
+            # passes it no generator), so seed that too, inside a fork that leaves the process RNG as it was.
+            cuda = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+            with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+                torch.manual_seed(params.seed)
                 out = self.pipe(
                     prompt=[params.prompt] * params.n,
                     negative_prompt=[params.negative_prompt or ""] * params.n if params.guidance > 1.0 else None,

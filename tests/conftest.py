@@ -1,0 +1,166 @@
+"""Shared fixtures: the tiny model, throwaway databases, and a real gateway served over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.backends.local import LocalBackend
+from gateway.settings import Settings
+from inference.runner import HiDreamRunner
+from inference.tiny import build_tiny_pipeline
+
+ADMIN_TOKEN = "test-admin-token"
+POSTGRES_ADMIN_URL = os.environ.get("HDG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+FAST = {"model": "hidream-i1-fast", "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def runner(tiny_root: Path) -> HiDreamRunner:
+    return HiDreamRunner.load(tiny_root / "pipeline", llama_path=tiny_root / "llama")
+
+
+async def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"hdg_test_{secrets.token_hex(6)}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+
+
+class ServerThread:
+    """Runs an ASGI app under uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@dataclass
+class Gateway:
+    """A running gateway and helpers to talk to it over real HTTP."""
+
+    url: str
+    settings: Settings
+    backend: LocalBackend
+    client: httpx.Client
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        return self.client.request(method, path, headers=headers, **kwargs)
+
+    def create_tenant(self, name: str = "acme", **fields: Any) -> dict[str, Any]:
+        """Create a tenant through the admin API; returns its JSON (with ``api_key``)."""
+        resp = self.admin("POST", "/admin/tenants", json={"name": name, **fields})
+        assert resp.status_code == 201, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def generate(self, key: str, **body: Any) -> httpx.Response:
+        payload = {**FAST, "prompt": "a red fox in the snow", **body}
+        return self.client.post("/v1/images/generations", json=payload, headers={"Authorization": f"Bearer {key}"})
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start gateways (on a given database URL, with settings overrides); all are stopped after the test."""
+    stack: list[tuple[ServerThread, LocalBackend, httpx.Client]] = []
+
+    def start(database_url: str, *, queue_size: int = 8, **overrides: Any) -> Gateway:
+        settings = Settings(
+            data_dir=tmp_path / f"data{len(stack)}",
+            database_url=database_url,
+            admin_token=ADMIN_TOKEN,
+            **overrides,
+        )
+        backend = LocalBackend(lambda: runner, variants=frozenset({"full", "dev", "fast"}), queue_size=queue_size)
+        server = ServerThread(create_app(settings, backends=[backend])).__enter__()
+        url = f"http://127.0.0.1:{server.port}"
+        client = httpx.Client(base_url=url, timeout=120)
+        stack.append((server, backend, client))
+        return Gateway(url=url, settings=settings, backend=backend, client=client)
+
+    yield start
+    for server, backend, client in reversed(stack):
+        client.close()
+        server.__exit__(None, None, None)
+        asyncio.run(backend.aclose())
+
+
+@pytest.fixture
+def gateway(make_gateway: GatewayFactory, database_url: str) -> Gateway:
+    """A gateway on SQLite, then (second run) on PostgreSQL."""
+    return make_gateway(database_url)
+
+
+@pytest.fixture
+def sqlite_gateway(make_gateway: GatewayFactory, sqlite_url: str) -> Gateway:
+    """A gateway on SQLite only, for behaviour that does not depend on the database."""
+    return make_gateway(sqlite_url)
