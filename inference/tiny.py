@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import string
 import tempfile
 from pathlib import Path
 from typing import Any
 
 # Bumped whenever the tiny architecture changes, so cached copies are rebuilt.
-TINY_FORMAT = 1
+TINY_FORMAT = 2
 
 _WORDS = (
     "a photo of an astronaut riding a horse on the moon, a cat holding a sign that says hello, "
@@ -31,8 +32,10 @@ _WORDS = (
 
 def _corpus() -> list[str]:
     words = _WORDS.replace(",", " ,").split()
+    # Every printable ASCII character alone, so each one also exists as a word end (CLIP's "x</w>").
+    singles = " ".join(string.ascii_letters + string.digits + string.punctuation)
     # Deterministic pseudo-sentences so every build trains the same vocabulary.
-    return [" ".join(words[i : i + 9]) for i in range(len(words))] + [_WORDS]
+    return [" ".join(words[i : i + 9]) for i in range(len(words))] + [_WORDS, singles]
 
 
 def _bpe(vocab_size: int, special: list[str], *, word_suffix: str | None = None) -> Any:

@@ -134,13 +134,10 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
     stack: list[tuple[ServerThread, LocalBackend, httpx.Client]] = []
 
     def start(database_url: str, *, queue_size: int = 8, **overrides: Any) -> Gateway:
-        settings = Settings(
-            data_dir=tmp_path / f"data{len(stack)}",
-            database_url=database_url,
-            admin_token=ADMIN_TOKEN,
-            **overrides,
-        )
+        fields = {"data_dir": tmp_path / f"data{len(stack)}", "admin_token": ADMIN_TOKEN} | overrides
+        settings = Settings(database_url=database_url, **fields)
         backend = LocalBackend(lambda: runner, variants=frozenset({"full", "dev", "fast"}), queue_size=queue_size)
+        backend.start()
         server = ServerThread(create_app(settings, backends=[backend])).__enter__()
         url = f"http://127.0.0.1:{server.port}"
         client = httpx.Client(base_url=url, timeout=120)

@@ -97,9 +97,7 @@ def test_full_queue_answers_503_with_retry_after(make_gateway: GatewayFactory, s
     gw = make_gateway(sqlite_url, queue_size=0)
     key = gw.create_tenant()["api_key"]
     first: dict[str, int] = {}
-    slow = threading.Thread(
-        target=lambda: first.update(status=gw.generate(key, num_inference_steps=30).status_code)
-    )
+    slow = threading.Thread(target=lambda: first.update(status=gw.generate(key, num_inference_steps=30).status_code))
     slow.start()
     deadline = time.monotonic() + 30
     while gw.backend.pending == 0 and time.monotonic() < deadline:

@@ -1,0 +1,87 @@
+"""Migrations match the models on both databases; settings come from the environment and TOML."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydantic import ValidationError
+from sqlalchemy import inspect
+
+from gateway.settings import Settings
+from gateway.storage.db import open_database
+from gateway.storage.files import FileStore
+from gateway.storage.models import Base
+
+
+def test_migrations_create_exactly_the_models_schema(database_url: str) -> None:
+    async def diff() -> tuple[list[object], set[str]]:
+        async with open_database(database_url) as engine, engine.connect() as conn:
+
+            def compare(sync_conn: object) -> tuple[list[object], set[str]]:
+                ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})  # type: ignore[arg-type]
+                return compare_metadata(ctx, Base.metadata), set(inspect(sync_conn).get_table_names())  # type: ignore[arg-type]
+
+            return await conn.run_sync(compare)
+
+    changes, tables = asyncio.run(diff())
+    assert changes == []
+    assert {"tenants", "api_keys", "predictions", "files", "usage_events"} <= tables
+
+
+def test_upgrade_twice_is_a_no_op(database_url: str) -> None:
+    async def twice() -> None:
+        async with open_database(database_url):
+            pass
+        async with open_database(database_url):
+            pass
+
+    asyncio.run(twice())
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HDG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HDG_BACKENDS", "local")
+    monkeypatch.setenv("HDG_LOCAL_VARIANTS", "fast, dev")
+    monkeypatch.setenv("HDG_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("HDG_PRICES_USD_PER_MEGAPIXEL", '{"hidream-i1-fast": "0.02"}')
+    settings = Settings()
+    assert settings.local_variants == ["fast", "dev"]
+    assert settings.prices_usd_per_megapixel == {"hidream-i1-fast": Decimal("0.02")}
+    assert settings.resolved_database_url == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'gateway.db'}"
+    assert "s3cret" not in repr(settings)  # secrets are SecretStr
+
+
+def test_settings_from_toml_file_with_env_taking_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "hdg.toml"
+    config.write_text('max_prompt_chars = 500\npublic_url = "https://img.example.com"\n')
+    monkeypatch.setenv("HDG_CONFIG", str(config))
+    monkeypatch.setenv("HDG_PUBLIC_URL", "https://override.example.com")
+    settings = Settings()
+    assert settings.max_prompt_chars == 500
+    assert settings.public_url == "https://override.example.com"
+
+
+def test_unknown_backend_or_variant_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="unknown backends"):
+        Settings(backends=["local", "midjourney"])
+    with pytest.raises(ValidationError, match="unknown variants"):
+        Settings(local_variants=["turbo"])
+
+
+def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
+    first = Settings(data_dir=tmp_path).signing_key()
+    assert Settings(data_dir=tmp_path).signing_key() == first and len(first) >= 32
+    assert Settings(data_dir=tmp_path, url_signing_secret="fixed").signing_key() == b"fixed"
+
+
+def test_file_store_refuses_paths_outside_its_root(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "files")
+    saved = store.save(tenant_id="ten_a", file_id="file_1", content_type="image/png", data=b"\x89PNG")
+    assert store.resolve(saved.path).read_bytes() == b"\x89PNG"
+    with pytest.raises(ValueError, match="escapes"):
+        store.resolve("../../etc/passwd")
