@@ -78,10 +78,12 @@ class ImageService:
         try:
             result = await backend.generate(job, timeout=self.timeout)
             stored = await asyncio.to_thread(self._save_all, prediction, result)
-        except (GatewayError, asyncio.CancelledError) as exc:
+        except BaseException as exc:
             status = "canceled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            # Only our own errors carry a message fit for the client; anything else is recorded by type.
+            error = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             # Shielded so a client hanging up cannot leave the prediction unsettled.
-            await asyncio.shield(self._settle_failure(prediction, backend.name, started, status, str(exc)))
+            await asyncio.shield(self._settle_failure(prediction, backend.name, started, status, error))
             raise
         latency_ms = int((time.monotonic() - started) * 1000)
         try:

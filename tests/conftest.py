@@ -22,6 +22,7 @@ from gateway.backends.local import LocalBackend
 from gateway.settings import Settings
 from inference.runner import HiDreamRunner
 from inference.tiny import build_tiny_pipeline
+from inference.variants import VARIANTS
 
 ADMIN_TOKEN = "test-admin-token"
 POSTGRES_ADMIN_URL = os.environ.get("HDG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -133,10 +134,13 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
     """Start gateways (on a given database URL, with settings overrides); all are stopped after the test."""
     stack: list[tuple[ServerThread, LocalBackend, httpx.Client]] = []
 
-    def start(database_url: str, *, queue_size: int = 8, **overrides: Any) -> Gateway:
+    def start(
+        database_url: str, *, queue_size: int = 8, backend: LocalBackend | None = None, **overrides: Any
+    ) -> Gateway:
         fields = {"data_dir": tmp_path / f"data{len(stack)}", "admin_token": ADMIN_TOKEN} | overrides
         settings = Settings(database_url=database_url, **fields)
-        backend = LocalBackend(lambda: runner, variants=frozenset({"full", "dev", "fast"}), queue_size=queue_size)
+        if backend is None:
+            backend = LocalBackend(lambda: runner, variants=frozenset(VARIANTS), queue_size=queue_size)
         backend.start()
         server = ServerThread(create_app(settings, backends=[backend])).__enter__()
         url = f"http://127.0.0.1:{server.port}"

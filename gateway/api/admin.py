@@ -56,8 +56,13 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep)
         tenant = await repo.get_tenant(session, tenant_id=tenant_id)
         if tenant is None:
             raise NotFound(f"No tenant with id '{tenant_id}'.")
-        for field in body.model_fields_set:
-            setattr(tenant, field, getattr(body, field))
+        if body.status is not None:
+            tenant.status = body.status
+        # For the limits, an explicit null removes the limit; a field left out keeps it.
+        if "rpm" in body.model_fields_set:
+            tenant.rpm = body.rpm
+        if "monthly_budget_usd" in body.model_fields_set:
+            tenant.monthly_budget_usd = body.monthly_budget_usd
     return tenant_body(tenant)
 
 

@@ -6,7 +6,7 @@ import base64
 import re
 import secrets
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,9 +73,7 @@ def _created(at: datetime) -> int:
     return int(at.timestamp())
 
 
-def _file_entry(
-    f: StoredFile, *, base_url: str, state: StateDep, b64: bytes | None, revised: bool = True
-) -> dict[str, Any]:
+def _file_entry(f: StoredFile, *, base_url: str, state: StateDep, b64: bytes | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"b64_json": base64.b64encode(b64).decode()} if b64 is not None else {}
     if b64 is None:
         entry["url"] = state.signer.sign(base_url, f.id)
@@ -159,7 +157,7 @@ async def create_image(
 
 @router.get("/v1/images/generations/{prediction_id}")
 async def get_generation(
-    prediction_id: Annotated[str, Field(max_length=64)],
+    prediction_id: str,
     principal: PrincipalDep,
     session: SessionDep,
     state: StateDep,

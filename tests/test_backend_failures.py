@@ -1,0 +1,83 @@
+"""What tenants see, and what is recorded, when the backend cannot serve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.backends.local import LocalBackend
+from inference.runner import HiDreamRunner
+from tests.conftest import Gateway, GatewayFactory
+
+
+def _no_weights() -> HiDreamRunner:
+    raise FileNotFoundError("/weights/HiDream-I1-Fast does not exist")
+
+
+class _BrokenRunner:
+    """Loads fine, then fails every generation, as a runner whose device has gone away would."""
+
+    def generate(self, params: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def _usage(gw: Gateway, key: str) -> dict[str, Any]:
+    body: dict[str, Any] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    return body
+
+
+def test_model_that_fails_to_load_makes_the_gateway_unready_and_answers_503(
+    make_gateway: GatewayFactory, sqlite_url: str
+) -> None:
+    gw = make_gateway(sqlite_url, backend=LocalBackend(_no_weights, variants=frozenset({"fast"})))
+    key = gw.create_tenant()["api_key"]
+
+    resp = gw.generate(key)
+
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "backend_unavailable"
+    assert "does not exist" in resp.json()["error"]["message"]
+    assert gw.client.get("/readyz").json()["checks"]["backends"] == {"local": "loading"}
+    [event] = _usage(gw, key)["data"]
+    assert event["status"] == "failed" and event["price_usd"] == "0.000000"
+
+
+def test_generation_crash_is_502_recorded_as_failed_and_not_billed(
+    make_gateway: GatewayFactory, database_url: str
+) -> None:
+    gw = make_gateway(
+        database_url,
+        backend=LocalBackend(lambda: _BrokenRunner(), variants=frozenset({"fast"})),  # type: ignore[arg-type, return-value]
+    )
+    key = gw.create_tenant()["api_key"]
+
+    resp = gw.generate(key)
+
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error"
+    assert "CUDA" not in resp.json()["error"]["message"]  # internals stay in the log
+    usage = _usage(gw, key)
+    [event] = usage["data"]
+    assert event["status"] == "failed" and usage["summary"]["price_usd"] == "0.000000"
+    failed = gw.client.get(
+        f"/v1/images/generations/{event['prediction_id']}", headers={"Authorization": f"Bearer {key}"}
+    ).json()
+    assert failed["status"] == "failed" and failed["data"] == [] and "RuntimeError" in failed["error"]
+
+
+def test_variant_no_backend_serves_is_503(make_gateway: GatewayFactory, sqlite_url: str, runner: Any) -> None:
+    gw = make_gateway(sqlite_url, backend=LocalBackend(lambda: runner, variants=frozenset({"fast"})))
+    key = gw.create_tenant()["api_key"]
+    resp = gw.generate(key, model="hidream-i1-full")
+    assert resp.status_code == 503 and "hidream-i1-full" in resp.json()["error"]["message"]
+    assert gw.generate(key, model="hidream-i1-fast").status_code == 200
+
+
+def test_admin_patch_limits(sqlite_gateway: Gateway) -> None:
+    tenant_id = sqlite_gateway.create_tenant(rpm=5, monthly_budget_usd="10")["tenant_id"]
+    path = f"/admin/tenants/{tenant_id}"
+    assert sqlite_gateway.admin("PATCH", path, json={"rpm": 7}).json()["rpm"] == 7
+    kept = sqlite_gateway.admin("PATCH", path, json={"status": None}).json()
+    assert kept["status"] == "active" and kept["rpm"] == 7 and kept["monthly_budget_usd"] == "10.00"
+    cleared = sqlite_gateway.admin("PATCH", path, json={"rpm": None, "monthly_budget_usd": None}).json()
+    assert cleared["rpm"] is None and cleared["monthly_budget_usd"] is None
+    bad = sqlite_gateway.admin("PATCH", path, json={"plan": "gold"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "plan"
+    assert sqlite_gateway.admin("PATCH", "/admin/tenants/ten_nobody", json={}).status_code == 404
