@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from gateway.app import create_app
 from gateway.backends.local import LocalBackend
@@ -23,6 +19,7 @@ from gateway.settings import Settings
 from inference.runner import HiDreamRunner
 from inference.tiny import build_tiny_pipeline
 from inference.variants import VARIANTS
+from tests.fakes.server import ServerThread
 
 ADMIN_TOKEN = "test-admin-token"
 POSTGRES_ADMIN_URL = os.environ.get("HDG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -75,32 +72,6 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
 
 
-class ServerThread:
-    """Runs an ASGI app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 @dataclass
 class Gateway:
     """A running gateway and helpers to talk to it over real HTTP."""
@@ -142,7 +113,7 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
         if backend is None:
             backend = LocalBackend(lambda: runner, variants=frozenset(VARIANTS), queue_size=queue_size)
         backend.start()
-        server = ServerThread(create_app(settings, backends=[backend])).__enter__()
+        server = ServerThread(create_app(settings, backends=[backend])).start()
         url = f"http://127.0.0.1:{server.port}"
         client = httpx.Client(base_url=url, timeout=120)
         stack.append((server, backend, client))
@@ -151,7 +122,7 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
     yield start
     for server, backend, client in reversed(stack):
         client.close()
-        server.__exit__(None, None, None)
+        server.stop()
         asyncio.run(backend.aclose())
 
 
