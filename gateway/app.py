@@ -6,13 +6,19 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from gateway.api import admin, files, health, images, usage
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
-from gateway.backends.local import LocalBackend, local_loader
+from gateway.backends.fal import FalBackend
+from gateway.backends.local import LocalBackend
+from gateway.backends.replicate import ReplicateBackend
+from gateway.backends.worker import WorkerBackend
 from gateway.errors import install_error_handlers
+from gateway.health import HealthBoard
 from gateway.jobs import ImageService
 from gateway.metering import RateLimiter
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -20,27 +26,75 @@ from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.storage.db import create_engine, session_factory, upgrade
 from gateway.storage.files import FileStore, UrlSigner
+from inference.serving import model_loader
 
 log = logging.getLogger("hidream_gateway")
 
 
-def build_backends(settings: Settings) -> list[Backend]:
-    """The backends named in HDG_BACKENDS, in that order."""
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def build_backends(settings: Settings, client: httpx.AsyncClient) -> list[Backend]:
+    """The backends named in HDG_BACKENDS, in that order; remote ones share ``client``."""
     built: list[Backend] = []
-    for name in settings.backends:
-        if name == "local":
-            loader = local_loader(
+    for kind in settings.backends:
+        if kind == "local":
+            loader = model_loader(
                 settings.local_model,
-                models_dir=settings.models_dir,
+                cache_dir=settings.models_dir,
                 llama_path=settings.local_llama_path,
                 device=settings.local_device,
             )
-            backend = LocalBackend(
+            local = LocalBackend(
                 loader, variants=frozenset(settings.local_variants), queue_size=settings.local_queue_size
             )
-            backend.start()
-            built.append(backend)
+            local.start()
+            built.append(local)
+        elif kind == "worker":
+            urls = settings.worker_urls
+            for i, url in enumerate(urls, start=1):
+                built.append(
+                    WorkerBackend(
+                        "worker" if len(urls) == 1 else f"worker-{i}",
+                        url,
+                        client,
+                        variants=frozenset(settings.worker_variants),
+                        token=_secret(settings.worker_token),
+                        modal_key=_secret(settings.modal_key),
+                        modal_secret=_secret(settings.modal_secret),
+                    )
+                )
+        elif kind == "replicate":
+            built.append(
+                ReplicateBackend(
+                    client,
+                    token=_secret(settings.replicate_api_token) or "",
+                    models=settings.replicate_models,
+                    base_url=settings.replicate_base_url,
+                    poll_seconds=settings.provider_poll_seconds,
+                )
+            )
+        elif kind == "fal":
+            built.append(
+                FalBackend(
+                    client,
+                    key=_secret(settings.fal_key) or "",
+                    apps=settings.fal_apps,
+                    base_url=settings.fal_base_url,
+                    poll_seconds=settings.provider_poll_seconds,
+                )
+            )
     return built
+
+
+def max_in_flight(backend: Backend, settings: Settings) -> int:
+    """How many jobs the gateway sends a backend at once before routing looks elsewhere."""
+    if isinstance(backend, LocalBackend):
+        return backend.capacity
+    if backend.kind == "worker":
+        return settings.worker_max_in_flight
+    return settings.provider_max_in_flight
 
 
 def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None) -> FastAPI:
@@ -52,7 +106,12 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         engine = create_engine(settings.resolved_database_url)
         await upgrade(engine)
         owned = backends is None
-        active = build_backends(settings) if backends is None else list(backends)
+        # One pooled HTTP client for every remote backend; timeouts are set per call.
+        client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=256))
+        active = build_backends(settings, client) if backends is None else list(backends)
+        health = HealthBoard(failure_threshold=settings.breaker_failures, open_seconds=settings.breaker_open_seconds)
+        for backend in active:
+            health.register(backend.name, max_in_flight=max_in_flight(backend, settings))
         sessions = session_factory(engine)
         file_store = FileStore(settings.files_dir)
         app.state.hdg = AppState(
@@ -62,12 +121,17 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             files=file_store,
             signer=UrlSigner(settings.signing_key(), ttl_seconds=settings.url_ttl_seconds),
             backends=active,
+            health=health,
             images=ImageService(
                 sessions=sessions,
                 backends=active,
                 files=file_store,
                 prices=settings.prices_usd_per_megapixel,
+                costs=settings.backend_costs,
+                gpu_usd_per_second=settings.worker_gpu_usd_per_second,
+                health=health,
                 timeout=settings.request_timeout_seconds,
+                attempt_timeout=settings.attempt_timeout_seconds,
             ),
             authenticator=ApiKeyAuthenticator(),
             rate_limiter=RateLimiter(),
@@ -78,6 +142,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             if owned:
                 for backend in active:
                     await backend.aclose()
+            await client.aclose()
             await engine.dispose()
 
     app = FastAPI(title="hidream-gateway", version="0.1.0", lifespan=lifespan)

@@ -133,6 +133,30 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     _serve(settings, args.host, args.port)
 
 
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
+    """Serve the self-hosted worker protocol on this machine's GPU (or CPU, on the tiny model)."""
+    import uvicorn
+
+    from inference.serving import GenerationQueue, model_loader
+    from inference.worker import create_worker_app
+
+    loader = model_loader(
+        settings.local_model,
+        cache_dir=settings.models_dir,
+        llama_path=settings.local_llama_path,
+        device=settings.local_device,
+    )
+    token = settings.worker_token.get_secret_value() if settings.worker_token else None
+    if token is None:
+        logging.getLogger("hidream_gateway").warning("HDG_WORKER_TOKEN is not set: the worker accepts anyone")
+    app = create_worker_app(
+        GenerationQueue(loader, queue_size=settings.local_queue_size),
+        token=token,
+        variants=frozenset(settings.local_variants),
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
     """Create (or reuse) the demo tenant, give it a fresh key, print how to call it, then serve."""
 
@@ -179,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.set_defaults(func=cmd_demo)
 
+    worker = sub.add_parser("worker", help="serve the GPU worker protocol (HDG_LOCAL_MODEL, HDG_WORKER_TOKEN)")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=9000)
+    worker.set_defaults(func=cmd_worker)
+
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="migrate to the latest schema").set_defaults(func=cmd_db_upgrade)
 
@@ -209,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``hidream-gateway`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command not in ("serve", "demo"):
+    if args.command not in ("serve", "demo", "worker"):
         logging.getLogger("alembic").setLevel(logging.WARNING)  # keep one-shot commands' output clean
     try:
         settings = Settings()

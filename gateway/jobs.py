@@ -6,16 +6,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth import Principal
-from gateway.backends.base import Backend, ImageJob, ImageResult
-from gateway.errors import BackendUnavailable, GatewayError
-from gateway.metering import price_usd
+from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult
+from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
+from gateway.health import HealthBoard
+from gateway.metering import backend_cost_usd, price_usd
+from gateway.routing import BackendView, Route, plan
+from gateway.settings import Cost
 from gateway.storage import repo
 from gateway.storage.files import FileStore, SavedFile
 from gateway.storage.models import Prediction, StoredFile, new_id
@@ -31,10 +34,27 @@ class Completed:
     files: list[StoredFile]
     result: ImageResult
     backend: str
+    attempts: int
+
+
+def final_error(errors: list[GatewayError], *, out_of_time: bool) -> GatewayError:
+    """The one error a tenant sees after every attempt failed."""
+    if not errors:
+        return GenerationTimeout("No time was left to try a backend.")
+    if len(errors) == 1 or all(type(e) is type(errors[0]) for e in errors):
+        if all(isinstance(e, BackendBusy) for e in errors):
+            return BackendBusy(errors[-1].message, retry_after=min(e.retry_after for e in errors))  # type: ignore[attr-defined]
+        return errors[-1]
+    if out_of_time:
+        return GenerationTimeout(f"No backend finished in time after {len(errors)} attempts.")
+    return BackendFailed(f"All {len(errors)} attempts failed; the last: {errors[-1].message}")
 
 
 class ImageService:
-    """Runs image jobs end to end. Routes call ``generate``; it raises GatewayError subclasses on failure."""
+    """Runs image jobs end to end: route, try candidates in order within one deadline, store, settle once.
+
+    Routes call ``generate``; it raises GatewayError subclasses on failure.
+    """
 
     def __init__(
         self,
@@ -43,24 +63,71 @@ class ImageService:
         backends: Sequence[Backend],
         files: FileStore,
         prices: Mapping[str, Decimal],
+        costs: Mapping[str, Mapping[str, Cost]],
+        gpu_usd_per_second: Decimal,
+        health: HealthBoard,
         timeout: float,
+        attempt_timeout: float,
     ) -> None:
         self.sessions = sessions
-        self.backends = list(backends)
+        self.backends = {b.name: b for b in backends}
         self.files = files
         self.prices = prices
+        self.costs = costs
+        self.gpu_rate = gpu_usd_per_second
+        self.health = health
         self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
 
-    def pick_backend(self, variant: str) -> Backend:
-        """The first configured backend that serves the variant (cost-based routing comes with more backends)."""
-        for backend in self.backends:
-            if variant in backend.variants:
-                return backend
-        raise BackendUnavailable(f"No enabled backend serves hidream-i1-{variant}.")
+    def cost(self, backend: Backend, job: ImageJob, gpu_seconds: float | None = None) -> Decimal:
+        """Our cost of ``job`` on ``backend`` (an estimate unless the backend measured GPU time)."""
+        book = self.costs.get(backend.name) or self.costs.get(backend.kind) or {}
+        return backend_cost_usd(
+            book.get(job.variant),
+            gpu_usd_per_second=self.gpu_rate,
+            width=job.width,
+            height=job.height,
+            images=job.n,
+            gpu_seconds=gpu_seconds,
+        )
 
-    async def generate(self, *, principal: Principal, model: str, job: ImageJob, params: dict[str, Any]) -> Completed:
-        """Run ``job`` for ``principal``; bill exactly one usage event whatever happens."""
-        backend = self.pick_backend(job.variant)
+    def views(self, job: ImageJob) -> list[BackendView]:
+        """Every backend's state right now, as routing sees it."""
+        return [
+            BackendView(
+                name=b.name,
+                kind=b.kind,
+                variants=b.variants,
+                admits=self.health.admits(b.name),
+                has_capacity=self.health.has_capacity(b.name),
+                cost_usd=self.cost(b, job),
+                latency_s=self.health.backends[b.name].latency_s,
+            )
+            for b in self.backends.values()
+        ]
+
+    def candidates(self, job: ImageJob, route: Route, allowed: Sequence[str] | None) -> list[Backend]:
+        views = self.views(job)
+        names = plan(variant=job.variant, route=route, allowed=allowed, views=views)
+        if not names:
+            full = [replace(v, has_capacity=True) for v in views if not v.has_capacity]
+            busy = plan(variant=job.variant, route=route, allowed=allowed, views=full)
+            if busy:  # healthy backends exist but all are saturated or throttled: come back shortly
+                raise BackendBusy(
+                    "Every backend that can serve this request is at capacity; retry later.",
+                    retry_after=min(self.health.retry_after(name) for name in busy),
+                )
+            raise BackendUnavailable(
+                f"No backend can serve hidream-i1-{job.variant} right now (route {route}): "
+                "every eligible backend is down, throttled or at capacity."
+            )
+        return [self.backends[n] for n in names]
+
+    async def generate(
+        self, *, principal: Principal, model: str, job: ImageJob, params: dict[str, Any], route: Route
+    ) -> Completed:
+        """Run ``job`` for ``principal``; whatever happens, at most one usage event is billed."""
+        candidates = self.candidates(job, route, principal.tenant.allowed_backends)
         async with self.sessions.begin() as session:
             prediction = await repo.create_prediction(
                 session,
@@ -75,28 +142,58 @@ class ImageService:
                 seed=job.seed,
             )
         started = time.monotonic()
+        attempts, errors = 0, list[GatewayError]()
+        served: Backend | None = None
         try:
-            result = await backend.generate(job, timeout=self.timeout)
+            for backend in candidates:
+                remaining = started + self.timeout - time.monotonic()
+                if remaining <= 0 or not self.health.admits(backend.name):
+                    continue
+                attempts += 1
+                t0 = time.monotonic()
+                try:
+                    with self.health.attempt(backend.name):
+                        result = await backend.generate(job, timeout=min(remaining, self.attempt_timeout))
+                except BackendInputError:
+                    self.health.success(backend.name, None)  # the backend is fine; the input is not
+                    raise
+                except BackendBusy as exc:
+                    self.health.throttled(backend.name, exc.retry_after)
+                    errors.append(exc)
+                except GatewayError as exc:
+                    log.warning("attempt %d on %s failed: %s", attempts, backend.name, exc.message)
+                    self.health.failure(backend.name, exc.message)
+                    errors.append(exc)
+                else:
+                    self.health.success(backend.name, time.monotonic() - t0)
+                    served = backend
+                    break
+            if served is None:
+                raise final_error(errors, out_of_time=time.monotonic() >= started + self.timeout)
             stored = await asyncio.to_thread(self._save_all, prediction, result)
         except BaseException as exc:
             status = "canceled" if isinstance(exc, asyncio.CancelledError) else "failed"
             # Only our own errors carry a message fit for the client; anything else is recorded by type.
             error = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
             # Shielded so a client hanging up cannot leave the prediction unsettled.
-            await asyncio.shield(self._settle_failure(prediction, backend.name, started, status, error))
+            name = served.name if served else (candidates[0].name if attempts <= 1 else "multiple")
+            await asyncio.shield(self._settle_failure(prediction, name, started, status, error, attempts))
             raise
         latency_ms = int((time.monotonic() - started) * 1000)
+        gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
         try:
             async with self.sessions.begin() as session:
                 await repo.finish_prediction(
                     session,
                     prediction=prediction,
                     status="succeeded",
-                    backend=backend.name,
+                    backend=served.name,
                     latency_ms=latency_ms,
                     price_usd=price_usd(
                         self.prices, model=model, width=result.width, height=result.height, images=len(stored)
                     ),
+                    cost_usd=self.cost(served, job, gpu_seconds),
+                    attempts=attempts,
                     images=len(stored),
                     width=result.width,
                     height=result.height,
@@ -106,9 +203,9 @@ class ImageService:
             for f in stored:  # the rows never landed, so neither should the files
                 self.files.delete(f.path)
             raise
-        prediction.status, prediction.backend = "succeeded", backend.name
+        prediction.status, prediction.backend, prediction.attempts = "succeeded", served.name, attempts
         prediction.width, prediction.height, prediction.latency_ms = result.width, result.height, latency_ms
-        return Completed(prediction, stored, result, backend.name)
+        return Completed(prediction, stored, result, served.name, attempts)
 
     def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
         stored: list[StoredFile] = []
@@ -134,7 +231,7 @@ class ImageService:
         return stored
 
     async def _settle_failure(
-        self, prediction: Prediction, backend: str, started: float, status: str, error: str
+        self, prediction: Prediction, backend: str, started: float, status: str, error: str, attempts: int
     ) -> None:
         try:
             async with self.sessions.begin() as session:
@@ -145,6 +242,7 @@ class ImageService:
                     backend=backend,
                     latency_ms=int((time.monotonic() - started) * 1000),
                     price_usd=Decimal(0),
+                    attempts=attempts,
                     images=0,
                     width=prediction.width,
                     height=prediction.height,

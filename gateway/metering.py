@@ -13,6 +13,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import BudgetExceeded, RateLimited
+from gateway.settings import Cost
 from gateway.storage import repo
 from gateway.storage.models import Tenant
 
@@ -24,6 +25,23 @@ def price_usd(prices: Mapping[str, Decimal], *, model: str, width: int, height: 
     per_mp = prices.get(model, Decimal(0))
     megapixels = Decimal(width * height) / Decimal(1_000_000)
     return (per_mp * megapixels * images).quantize(MICRO_USD, rounding=ROUND_HALF_UP)
+
+
+def backend_cost_usd(
+    cost: Cost | None, *, gpu_usd_per_second: Decimal, width: int, height: int, images: int, gpu_seconds: float | None
+) -> Decimal:
+    """What a backend charges us: flat and per-megapixel prices per image, plus GPU time at the GPU rate.
+
+    ``gpu_seconds`` is the measured time for the whole job when the backend reports it; otherwise the
+    price book's expected seconds per image are used (that is also the estimate routing compares).
+    """
+    if cost is None:
+        return Decimal(0)
+    megapixels = Decimal(width * height) / Decimal(1_000_000)
+    per_image = cost.per_image + cost.per_megapixel * megapixels
+    seconds = Decimal(str(gpu_seconds)) if gpu_seconds is not None else cost.gpu_seconds * images
+    total = per_image * images + seconds * gpu_usd_per_second
+    return total.quantize(MICRO_USD, rounding=ROUND_HALF_UP)
 
 
 def month_start(now: datetime) -> datetime:

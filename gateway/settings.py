@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -17,7 +17,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-KNOWN_BACKENDS = ("local",)
+KNOWN_BACKENDS = ("local", "worker", "replicate", "fal")
 
 # Tenant price per megapixel of output, per model (USD). Roughly the public list prices of hosted HiDream.
 DEFAULT_PRICES: dict[str, Decimal] = {
@@ -25,6 +25,42 @@ DEFAULT_PRICES: dict[str, Decimal] = {
     "hidream-i1-dev": Decimal("0.03"),
     "hidream-i1-fast": Decimal("0.01"),
 }
+
+
+class Cost(BaseModel):
+    """What a backend charges us for one image: a flat price, a price per megapixel, or GPU time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_image: Decimal = Decimal(0)
+    per_megapixel: Decimal = Decimal(0)
+    gpu_seconds: Decimal = Decimal(0)  # expected GPU seconds per image, priced at the GPU rate
+
+
+def default_backend_costs() -> dict[str, dict[str, Cost]]:
+    """List prices where public (fal full and fast per megapixel, Replicate fast per image), estimates elsewhere.
+
+    Self-hosted GPU seconds per 1024x1024 image are stock diffusers on an H100 (../shared/specs/hidream.md):
+    transformer steps x ms/step plus VAE decode and text encoders.
+    """
+    return {
+        "fal": {
+            "full": Cost(per_megapixel=Decimal("0.05")),
+            "dev": Cost(per_megapixel=Decimal("0.03")),  # not published; between full and fast
+            "fast": Cost(per_megapixel=Decimal("0.01")),
+        },
+        "replicate": {
+            "full": Cost(per_image=Decimal("0.045")),  # not published; estimate
+            "dev": Cost(per_image=Decimal("0.025")),  # not published; estimate
+            "fast": Cost(per_image=Decimal("0.010")),
+        },
+        "worker": {
+            "full": Cost(gpu_seconds=Decimal("20")),
+            "dev": Cost(gpu_seconds=Decimal("6.5")),
+            "fast": Cost(gpu_seconds=Decimal("4")),
+        },
+        "local": {v: Cost() for v in ("full", "dev", "fast")},
+    }
 
 
 def _split_csv(value: Any) -> Any:
@@ -55,7 +91,39 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     prices_usd_per_megapixel: dict[str, Decimal] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
-    @field_validator("backends", "local_variants", mode="before")
+    # Routing, health and failover.
+    route: str = Field(default="cheapest", description="default policy: cheapest, fastest, or a name list")
+    attempt_timeout_seconds: float = Field(default=120.0, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_open_seconds: float = Field(default=30.0, gt=0)
+    backend_costs: dict[str, dict[str, Cost]] = Field(default_factory=default_backend_costs)
+
+    # Self-hosted workers (ours on any GPU host, or the Modal deployment).
+    worker_urls: Annotated[list[str], NoDecode] = []
+    worker_token: SecretStr | None = None
+    worker_variants: Annotated[list[str], NoDecode] = ["full", "dev", "fast"]
+    worker_max_in_flight: int = Field(default=16, ge=1)
+    worker_gpu_usd_per_second: Decimal = Decimal("0.001097")  # an H100 on Modal, $3.95 an hour
+    modal_key: SecretStr | None = None
+    modal_secret: SecretStr | None = None
+
+    # Replicate and fal; tokens use the providers' own variable names.
+    replicate_api_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("REPLICATE_API_TOKEN", "HDG_REPLICATE_API_TOKEN")
+    )
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_models: dict[str, str] = Field(
+        default_factory=lambda: {v: f"prunaai/hidream-l1-{v}" for v in ("full", "dev", "fast")}
+    )
+    fal_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("FAL_KEY", "HDG_FAL_KEY"))
+    fal_base_url: str = "https://queue.fal.run"
+    fal_apps: dict[str, str] = Field(
+        default_factory=lambda: {v: f"fal-ai/hidream-i1-{v}" for v in ("full", "dev", "fast")}
+    )
+    provider_poll_seconds: float = Field(default=0.5, gt=0)
+    provider_max_in_flight: int = Field(default=64, ge=1)
+
+    @field_validator("backends", "local_variants", "worker_urls", "worker_variants", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -68,7 +136,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown backends {unknown}; known: {list(KNOWN_BACKENDS)}")
         return value
 
-    @field_validator("local_variants")
+    @field_validator("local_variants", "worker_variants")
     @classmethod
     def _known_variants(cls, value: list[str]) -> list[str]:
         unknown = sorted(set(value) - {"full", "dev", "fast"})

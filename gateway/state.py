@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
+from gateway.health import HealthBoard
 from gateway.jobs import ImageService
 from gateway.metering import RateLimiter
 from gateway.settings import Settings
@@ -22,6 +23,7 @@ class AppState:
     files: FileStore
     signer: UrlSigner
     backends: list[Backend]
+    health: HealthBoard
     images: ImageService
     authenticator: ApiKeyAuthenticator
     rate_limiter: RateLimiter

@@ -8,11 +8,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.deps import SessionDep, require_admin
+from gateway.api.deps import SessionDep, StateDep, require_admin
+from gateway.api.images import resolve_route
 from gateway.api.serialize import key_body, tenant_body
 from gateway.api.usage import Limit, Since, as_utc, usage_list
 from gateway.auth import create_tenant_with_key, issue_key
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.storage import repo
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -24,6 +25,8 @@ class TenantCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     rpm: int | None = Field(default=None, ge=1)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+    route: str | None = Field(default=None, max_length=200)
+    allowed_backends: list[str] | None = None
 
 
 class TenantUpdate(BaseModel):
@@ -32,15 +35,29 @@ class TenantUpdate(BaseModel):
     status: Literal["active", "disabled"] | None = None
     rpm: int | None = Field(default=None, ge=1)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+    route: str | None = Field(default=None, max_length=200)
+    allowed_backends: list[str] | None = None
+
+
+def _check_routing(state: StateDep, route: str | None, allowed: list[str] | None) -> None:
+    """Refuse a route or allow-list naming backends this gateway does not have."""
+    if route is not None:
+        resolve_route(route, route, state)
+    known = {b.name for b in state.backends} | {b.kind for b in state.backends}
+    unknown = sorted(set(allowed or ()) - known)
+    if unknown:
+        raise InvalidRequest(f"Unknown backend(s) {unknown}; enabled: {sorted(known)}.", param="allowed_backends")
 
 
 @router.post("/tenants", status_code=201)
-async def create_tenant(body: TenantCreate, session: SessionDep) -> dict[str, Any]:
+async def create_tenant(body: TenantCreate, session: SessionDep, state: StateDep) -> dict[str, Any]:
     """Create a tenant and its first key; the key is in this response and nowhere else."""
+    _check_routing(state, body.route, body.allowed_backends)
     async with session.begin():
         tenant, key, plaintext = await create_tenant_with_key(
             session, name=body.name, rpm=body.rpm, monthly_budget_usd=body.monthly_budget_usd
         )
+        tenant.route, tenant.allowed_backends = body.route, body.allowed_backends
     return {"tenant": tenant_body(tenant), "tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
 
 
@@ -50,8 +67,9 @@ async def list_tenants(session: SessionDep) -> dict[str, Any]:
 
 
 @router.patch("/tenants/{tenant_id}")
-async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep) -> dict[str, Any]:
-    """Enable or disable a tenant, or change its limits; fields left out stay as they are."""
+async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep, state: StateDep) -> dict[str, Any]:
+    """Enable or disable a tenant, or change its limits and routing; fields left out stay as they are."""
+    _check_routing(state, body.route, body.allowed_backends)
     async with session.begin():
         tenant = await repo.get_tenant(session, tenant_id=tenant_id)
         if tenant is None:
@@ -63,6 +81,10 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep)
             tenant.rpm = body.rpm
         if "monthly_budget_usd" in body.model_fields_set:
             tenant.monthly_budget_usd = body.monthly_budget_usd
+        if "route" in body.model_fields_set:
+            tenant.route = body.route
+        if "allowed_backends" in body.model_fields_set:
+            tenant.allowed_backends = body.allowed_backends
     return tenant_body(tenant)
 
 
@@ -90,6 +112,17 @@ async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
         if key is None:
             raise NotFound(f"No key with id '{key_id}'.")
     return key_body(key)
+
+
+@router.get("/backends")
+async def backends(state: StateDep) -> dict[str, Any]:
+    """Every backend: kind, variants, circuit state, recent latency, in-flight count, readiness."""
+    health = state.health.snapshot()
+    data = [
+        {"name": b.name, "kind": b.kind, "variants": sorted(b.variants), "ready": await b.ready(), **health[b.name]}
+        for b in state.backends
+    ]
+    return {"object": "list", "data": data}
 
 
 @router.get("/usage")

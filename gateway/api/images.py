@@ -6,15 +6,16 @@ import base64
 import re
 import secrets
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.backends.base import ImageJob
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound
 from gateway.metering import check_budget
+from gateway.routing import Route
 from gateway.storage import repo
 from gateway.storage.models import Prediction, StoredFile, utcnow
 from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
@@ -92,8 +93,24 @@ def _prediction_body(p: Prediction, data: list[dict[str, Any]], output_format: s
         "output_format": output_format,
         "seed": p.seed,
         "backend": p.backend,
+        "attempts": p.attempts,
         "data": data,
     }
+
+
+def resolve_route(header: str | None, default: str, state: StateDep) -> Route:
+    """The request's ``X-HDG-Route`` if given, else the tenant's or the gateway's default."""
+    text = header if header is not None else default
+    param = "X-HDG-Route" if header is not None else "route"
+    try:
+        route = Route.parse(text)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param) from None
+    known = {b.name for b in state.backends} | {b.kind for b in state.backends}
+    unknown = [name for name in route.order if name not in known]
+    if unknown:
+        raise InvalidRequest(f"Unknown backend(s) {unknown} in route; enabled: {sorted(known)}.", param=param)
+    return route
 
 
 @router.post("/v1/images/generations")
@@ -103,6 +120,7 @@ async def create_image(
     state: StateDep,
     request: Request,
     response: Response,
+    route_header: Annotated[str | None, Header(alias="X-HDG-Route")] = None,
 ) -> dict[str, Any]:
     """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions)."""
     variant = variant_for_model(body.model)
@@ -142,7 +160,10 @@ async def create_image(
         "seed": seed,
         "size": f"{width}x{height}",
     }
-    done = await state.images.generate(principal=principal, model=variant.model_id, job=job, params=params)
+    route = resolve_route(route_header, principal.tenant.route or state.settings.route, state)
+    done = await state.images.generate(
+        principal=principal, model=variant.model_id, job=job, params=params | {"route": str(route)}, route=route
+    )
 
     base_url = public_base_url(request, state)
     b64 = body.response_format == "b64_json"
@@ -151,6 +172,7 @@ async def create_image(
         for i, f in enumerate(done.files)
     ]
     response.headers["X-HDG-Backend"] = done.backend
+    response.headers["X-HDG-Attempts"] = str(done.attempts)
     response.headers["X-HDG-Prediction-Id"] = done.prediction.id
     return _prediction_body(done.prediction, data, body.output_format)
 

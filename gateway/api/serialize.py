@@ -18,6 +18,8 @@ USAGE_FIELDS = (
     "images",
     "backend",
     "price_usd",
+    "cost_usd",
+    "attempts",
     "latency_ms",
     "status",
 )
@@ -37,6 +39,8 @@ def usage_row(e: UsageEvent) -> dict[str, Any]:
         "images": e.images,
         "backend": e.backend,
         "price_usd": f"{e.price_usd:.6f}",
+        "cost_usd": f"{e.cost_usd:.6f}",
+        "attempts": e.attempts,
         "latency_ms": e.latency_ms,
         "status": e.status,
     }
@@ -49,6 +53,8 @@ def tenant_body(t: Tenant) -> dict[str, Any]:
         "status": t.status,
         "rpm": t.rpm,
         "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.2f}",
+        "route": t.route,
+        "allowed_backends": t.allowed_backends,
         "created_at": t.created_at.isoformat(),
     }
 

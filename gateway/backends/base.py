@@ -55,7 +55,8 @@ class Backend(Protocol):
     BackendInputError for bad input and BackendFailed or BackendUnavailable for everything else.
     """
 
-    name: str
+    name: str  # unique: what routing, health and usage events call it
+    kind: str  # local, worker, replicate or fal: what the price book and allow-lists may also name
     variants: frozenset[str]
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult: ...

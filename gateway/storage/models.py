@@ -61,6 +61,8 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | disabled
     rpm: Mapped[int | None] = mapped_column(Integer)
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    route: Mapped[str | None] = mapped_column(String(200))  # default routing policy; None: the gateway's
+    allowed_backends: Mapped[list[str] | None] = mapped_column(JSON)  # None: every backend
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -91,6 +93,7 @@ class Prediction(Base):
     n: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     backend: Mapped[str | None] = mapped_column(String(32))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -128,7 +131,9 @@ class UsageEvent(Base):
     height: Mapped[int] = mapped_column(Integer)
     images: Mapped[int] = mapped_column(Integer)
     backend: Mapped[str | None] = mapped_column(String(32))
-    price_usd: Mapped[Decimal] = mapped_column(Money)
+    price_usd: Mapped[Decimal] = mapped_column(Money)  # what the tenant pays
+    cost_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")  # what we pay
+    attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     latency_ms: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))  # succeeded | failed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

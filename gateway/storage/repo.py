@@ -89,6 +89,8 @@ async def finish_prediction(
     images: int,
     width: int,
     height: int,
+    cost_usd: Decimal = Decimal(0),
+    attempts: int = 1,
     error: str | None = None,
     files: Sequence[StoredFile] = (),
 ) -> bool:
@@ -109,6 +111,7 @@ async def finish_prediction(
             completed_at=now,
             width=width,
             height=height,
+            attempts=attempts,
         )
         .execution_options(synchronize_session=False)
     )
@@ -126,6 +129,8 @@ async def finish_prediction(
             images=images,
             backend=backend,
             price_usd=price_usd,
+            cost_usd=cost_usd,
+            attempts=attempts,
             latency_ms=latency_ms,
             status=status,
             created_at=now,

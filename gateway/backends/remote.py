@@ -1,0 +1,149 @@
+"""What every HTTP backend shares: translating vendor answers into gateway errors, once, and fetching outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from gateway.backends.base import BackendInputError
+from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
+
+log = logging.getLogger("hidream_gateway.backends")
+T = TypeVar("T")
+
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def retry_after(resp: httpx.Response, default: int = 5) -> int:
+    """Seconds from a Retry-After header (either form), else ``default``."""
+    value = resp.headers.get("retry-after", "")
+    if value.strip().isdigit():
+        return max(1, int(value))
+    try:
+        delta = parsedate_to_datetime(value).timestamp() - parsedate_to_datetime(resp.headers["date"]).timestamp()
+        return max(1, int(delta))
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    if isinstance(body, dict):
+        detail = body.get("detail") or body.get("title") or body.get("error") or body
+        return json.dumps(detail)[:500] if not isinstance(detail, str) else detail[:500]
+    return str(body)[:300]
+
+
+def check(resp: httpx.Response, backend: str) -> dict[str, Any]:
+    """The JSON object of a successful answer, or the gateway error the answer means.
+
+    422/400 are the input's fault (returned to the client, never retried elsewhere); 429 and 503 mean
+    "not now" (BackendBusy, with Retry-After); 401/403 mean our credentials are wrong (BackendUnavailable);
+    anything else, or a body that is not a JSON object, is a backend failure.
+    """
+    status = resp.status_code
+    if status in (400, 422):
+        raise BackendInputError(f"{backend} rejected the input: {_detail(resp)}")
+    if status == 429 or (status == 503 and "retry-after" in resp.headers):
+        raise BackendBusy(f"{backend} is throttling or busy.", retry_after=retry_after(resp))
+    if status in (401, 403):
+        raise BackendUnavailable(f"{backend} rejected the gateway's credentials ({status}).")
+    if status >= 400:
+        raise BackendFailed(f"{backend} answered {status}: {_detail(resp)}")
+    try:
+        body = resp.json()
+    except ValueError:
+        raise BackendFailed(f"{backend} answered {status} with a body that is not JSON.") from None
+    if not isinstance(body, dict):
+        raise BackendFailed(f"{backend} answered {status} with JSON that is not an object.")
+    return body
+
+
+async def send(client: httpx.AsyncClient, backend: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+    """One request, translated by ``check``; transport errors become BackendUnavailable/BackendFailed."""
+    try:
+        resp = await client.request(method, url, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise BackendFailed(f"{backend} did not answer in time ({type(exc).__name__}).") from exc
+    except httpx.TransportError as exc:
+        raise BackendUnavailable(f"{backend} cannot be reached ({type(exc).__name__}).") from exc
+    return check(resp, backend)
+
+
+def field(body: dict[str, Any], key: str, kind: type[T], backend: str) -> T:
+    """``body[key]`` if it has the expected type; a malformed answer otherwise."""
+    value = body.get(key)
+    if not isinstance(value, kind):
+        raise BackendFailed(f"{backend} answered without a valid '{key}'.")
+    return value
+
+
+@dataclass
+class Decoded:
+    images: list[bytes]
+    content_type: str
+    width: int
+    height: int
+
+
+def normalise(blobs: list[bytes], output_format: str, quality: int, backend: str) -> Decoded:
+    """Check every blob is an image and re-encode any not already in ``output_format`` (blocking)."""
+    images: list[bytes] = []
+    size = (0, 0)
+    for blob in blobs:
+        try:
+            img = Image.open(io.BytesIO(blob))
+            img.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BackendFailed(f"{backend} returned an output that is not an image.") from exc
+        size = img.size
+        if img.format == PIL_FORMATS[output_format]:
+            images.append(blob)
+            continue
+        buf = io.BytesIO()
+        img = img.convert("RGB") if output_format == "jpeg" else img
+        img.save(buf, format=PIL_FORMATS[output_format], quality=quality)
+        images.append(buf.getvalue())
+    return Decoded(images, CONTENT_TYPES[output_format], size[0], size[1])
+
+
+async def download(client: httpx.AsyncClient, url: str, backend: str) -> bytes:
+    """Fetch one output (provider URLs expire, so the gateway keeps its own copy)."""
+    try:
+        resp = await client.get(url)
+    except httpx.TransportError as exc:
+        raise BackendFailed(f"{backend}'s output could not be downloaded ({type(exc).__name__}).") from exc
+    if resp.status_code != 200:
+        raise BackendFailed(f"{backend}'s output URL answered {resp.status_code}.")
+    return resp.content
+
+
+async def with_deadline(work: Awaitable[T], *, timeout: float, backend: str) -> T:
+    """Await ``work`` for at most ``timeout`` seconds; past that, GenerationTimeout."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await work
+    except TimeoutError as exc:
+        raise GenerationTimeout(f"{backend} did not finish within {timeout:.0f} s.") from exc
+
+
+async def best_effort(work: Awaitable[Any], what: str) -> None:
+    """Run a clean-up call (a cancel) that must not turn one failure into another."""
+    try:
+        async with asyncio.timeout(5):
+            await work
+    except (GatewayError, TimeoutError, httpx.HTTPError) as exc:
+        log.warning("%s failed: %s", what, exc)

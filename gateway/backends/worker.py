@@ -1,0 +1,85 @@
+"""The ``worker`` backend: our own GPU worker (``hidream-gateway worker``, or the Modal deployment) over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from dataclasses import asdict
+
+import httpx
+
+from gateway.backends.base import ImageJob, ImageResult
+from gateway.backends.remote import field, normalise, send, with_deadline
+from gateway.errors import BackendFailed
+
+
+class WorkerBackend:
+    """Sends jobs to one worker's ``POST /generate``; see inference/worker.py for the protocol.
+
+    A Modal endpoint is the same backend with Modal's proxy-auth headers.
+
+    Example::
+
+        backend = WorkerBackend("worker", "https://gpu-1:9000", client, token="s3cret", variants=frozenset({"fast"}))
+    """
+
+    kind = "worker"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        client: httpx.AsyncClient,
+        *,
+        variants: frozenset[str],
+        token: str | None = None,
+        modal_key: str | None = None,
+        modal_secret: str | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.variants = variants
+        self._client = client
+        self._headers: dict[str, str] = {}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        if modal_key and modal_secret:
+            self._headers |= {"Modal-Key": modal_key, "Modal-Secret": modal_secret}
+
+    async def ready(self) -> bool:
+        """The worker answers /health and has loaded its model (free: no generation)."""
+        try:
+            resp = await self._client.get(f"{self.url}/health", headers=self._headers, timeout=5)
+            return resp.status_code == 200 and resp.json().get("ready") is True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
+    async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
+        body = asdict(job) | {"timeout_s": max(1.0, timeout - 1.0)}
+        answer = await with_deadline(
+            send(
+                self._client,
+                self.name,
+                "POST",
+                f"{self.url}/generate",
+                json=body,
+                headers=self._headers,
+                timeout=timeout,
+            ),
+            timeout=timeout,
+            backend=self.name,
+        )
+        try:
+            blobs = [base64.b64decode(b, validate=True) for b in field(answer, "images", list, self.name)]
+        except (binascii.Error, TypeError) as exc:
+            raise BackendFailed(f"{self.name} returned images that are not base64.") from exc
+        if len(blobs) != job.n:
+            raise BackendFailed(f"{self.name} returned {len(blobs)} images for n={job.n}.")
+        raw = answer.get("timings")
+        timings = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)} if isinstance(raw, dict) else {}
+        decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
+        return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed, timings)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the HTTP client belongs to the app."""
