@@ -17,11 +17,14 @@ from gateway.app import create_app
 from gateway.backends.local import LocalBackend
 from gateway.settings import Settings
 from inference.runner import HiDreamRunner
+from inference.serving import GenerationQueue
 from inference.tiny import build_tiny_pipeline
 from inference.variants import VARIANTS
+from inference.worker import create_worker_app
 from tests.fakes.server import ServerThread
 
 ADMIN_TOKEN = "test-admin-token"
+WORKER_TOKEN = "worker-token"
 POSTGRES_ADMIN_URL = os.environ.get("HDG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FAST = {"model": "hidream-i1-fast", "num_inference_steps": 2}
 
@@ -106,14 +109,20 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
     stack: list[tuple[ServerThread, LocalBackend, httpx.Client]] = []
 
     def start(
-        database_url: str, *, queue_size: int = 8, backend: LocalBackend | None = None, **overrides: Any
+        database_url: str,
+        *,
+        queue_size: int = 8,
+        backend: LocalBackend | None = None,
+        from_settings: bool = False,
+        **overrides: Any,
     ) -> Gateway:
         fields = {"data_dir": tmp_path / f"data{len(stack)}", "admin_token": ADMIN_TOKEN} | overrides
         settings = Settings(database_url=database_url, **fields)
         if backend is None:
             backend = LocalBackend(lambda: runner, variants=frozenset(VARIANTS), queue_size=queue_size)
         backend.start()
-        server = ServerThread(create_app(settings, backends=[backend])).start()
+        # from_settings: the app builds its backends from HDG_BACKENDS itself (remote ones, in these tests).
+        server = ServerThread(create_app(settings, backends=None if from_settings else [backend])).start()
         url = f"http://127.0.0.1:{server.port}"
         client = httpx.Client(base_url=url, timeout=120)
         stack.append((server, backend, client))
@@ -136,3 +145,12 @@ def gateway(make_gateway: GatewayFactory, database_url: str) -> Gateway:
 def sqlite_gateway(make_gateway: GatewayFactory, sqlite_url: str) -> Gateway:
     """A gateway on SQLite only, for behaviour that does not depend on the database."""
     return make_gateway(sqlite_url)
+
+
+@pytest.fixture
+def worker_app(runner: HiDreamRunner) -> Iterator[ServerThread]:
+    """The self-hosted worker protocol on the tiny model, served over HTTP with token ``worker-token``."""
+    queue = GenerationQueue(lambda: runner, queue_size=4)
+    app = create_worker_app(queue, token=WORKER_TOKEN, variants=frozenset(VARIANTS))
+    with ServerThread(app) as server:
+        yield server

@@ -1,0 +1,124 @@
+"""The self-hosted worker protocol, and the gateway's ``worker`` backend talking to it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import WORKER_TOKEN, GatewayFactory
+from tests.fakes.server import ServerThread
+
+AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
+JOB = {"variant": "fast", "prompt": "a kite", "width": 1248, "height": 832, "seed": 4, "num_inference_steps": 1}
+
+
+def test_worker_generates_and_reports_health(worker_app: ServerThread) -> None:
+    health = httpx.get(f"{worker_app.url}/health", headers=AUTH).json()
+    assert health["variants"] == ["dev", "fast", "full"] and health["capacity"] == 5
+
+    resp = httpx.post(f"{worker_app.url}/generate", json=JOB | {"n": 2}, headers=AUTH, timeout=60)
+
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["width"], body["height"], body["content_type"]) == (1248, 832, "image/png")
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body["images"]]
+    assert [img.size for img in images] == [(1248, 832)] * 2
+    assert body["timings"]["inference_s"] > 0
+    assert httpx.get(f"{worker_app.url}/health", headers=AUTH).json()["ready"] is True
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"width": 1000}, 422),
+        ({"variant": "turbo"}, 422),
+        ({"prompt": ""}, 422),
+        ({"seed": -1}, 422),
+        ({"surprise": 1}, 422),
+    ],
+)
+def test_worker_rejects_bad_input_with_422(worker_app: ServerThread, change: dict[str, object], status: int) -> None:
+    resp = httpx.post(f"{worker_app.url}/generate", json=JOB | change, headers=AUTH)
+    assert resp.status_code == status
+
+
+def test_worker_needs_its_token(worker_app: ServerThread) -> None:
+    assert httpx.post(f"{worker_app.url}/generate", json=JOB).status_code == 401
+    assert httpx.get(f"{worker_app.url}/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_gateway_serves_through_a_worker_with_the_same_response_shape(
+    make_gateway: GatewayFactory, sqlite_url: str, worker_app: ServerThread
+) -> None:
+    gw = make_gateway(
+        sqlite_url,
+        from_settings=True,
+        backends=["worker"],
+        worker_urls=[worker_app.url],
+        worker_token=WORKER_TOKEN,
+    )
+    key = gw.create_tenant()["api_key"]
+
+    resp = gw.generate(key, output_format="webp", size="1168x880", n=2)
+
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-HDG-Backend"] == "worker" and resp.headers["X-HDG-Attempts"] == "1"
+    body = resp.json()
+    assert body["size"] == "1168x880" and len(body["data"]) == 2
+    img = Image.open(io.BytesIO(gw.client.get(body["data"][0]["url"]).content))
+    assert img.format == "WEBP" and img.size == (1168, 880)
+    [event] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    # Self-hosted cost is GPU time the worker measured, at the configured rate.
+    assert event["backend"] == "worker" and float(event["cost_usd"]) > 0 and event["images"] == 2
+
+
+def test_wrong_worker_token_opens_nothing_to_the_tenant_but_a_503(
+    make_gateway: GatewayFactory, sqlite_url: str, worker_app: ServerThread
+) -> None:
+    gw = make_gateway(
+        sqlite_url, from_settings=True, backends=["worker"], worker_urls=[worker_app.url], worker_token="wrong"
+    )
+    key = gw.create_tenant()["api_key"]
+    resp = gw.generate(key)
+    assert resp.status_code == 503 and "credentials" in resp.json()["error"]["message"]
+    assert "wrong" not in resp.text
+
+
+def test_hidream_gateway_worker_command_serves_the_protocol(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
+        "HDG_DATA_DIR": str(tmp_path),
+        "HDG_WORKER_TOKEN": WORKER_TOKEN,
+        "HDG_LOCAL_VARIANTS": "fast",
+    }
+    cli = str(Path(sys.executable).parent / "hidream-gateway")
+    proc = subprocess.Popen([cli, "worker", "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", headers=AUTH).json()["ready"]:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        resp = httpx.post(f"{url}/generate", json=JOB, headers=AUTH, timeout=60)
+        assert resp.status_code == 200
+        assert httpx.post(f"{url}/generate", json=JOB | {"variant": "full"}, headers=AUTH).status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
