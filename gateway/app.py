@@ -133,7 +133,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
                 timeout=settings.request_timeout_seconds,
                 attempt_timeout=settings.attempt_timeout_seconds,
             ),
-            authenticator=ApiKeyAuthenticator(),
+            authenticator=ApiKeyAuthenticator(cache_seconds=settings.auth_cache_seconds),
             rate_limiter=RateLimiter(),
         )
         try:
@@ -152,3 +152,8 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app configured from the environment, for ASGI servers: ``uvicorn --factory gateway.app:app_from_env``."""
+    return create_app(Settings())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -66,12 +67,36 @@ def bearer_token(authorization: str | None) -> str:
 class ApiKeyAuthenticator:
     """Resolves a bearer token to a Principal; raises 401 for unknown keys, 403 for revoked or disabled ones.
 
-    Example: ``principal = await ApiKeyAuthenticator().authenticate(session, "Bearer hdg_...")``.
+    Successful lookups are cached for ``cache_seconds`` so the hot path skips the database. Changes made
+    through this process's admin API clear the cache at once; changes made elsewhere (another replica, the
+    CLI) take effect within ``cache_seconds``.
+
+    Example: ``principal = await ApiKeyAuthenticator(cache_seconds=5).authenticate(session, "Bearer hdg_...")``.
     """
+
+    def __init__(self, *, cache_seconds: float = 0.0, max_entries: int = 10_000) -> None:
+        self.cache_seconds = cache_seconds
+        self.max_entries = max_entries
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def clear(self) -> None:
+        """Forget every cached key (after a key, tenant or limit changes)."""
+        self._cache.clear()
 
     async def authenticate(self, session: AsyncSession, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
         digest = hash_key(token)
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        principal = await self._lookup(session, digest)
+        if self.cache_seconds > 0:
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()  # crude but bounded; a full cache only costs one lookup per key
+            self._cache[digest] = (time.monotonic() + self.cache_seconds, principal)
+        return principal
+
+    async def _lookup(self, session: AsyncSession, digest: str) -> Principal:
         found = await repo.find_key_by_hash(session, key_hash=digest)
         # The lookup is by hash, so timing reveals nothing about the plaintext; compare again in
         # constant time so a future change to the lookup cannot turn this into an oracle.

@@ -21,7 +21,7 @@ from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
 from gateway.storage import repo
 from gateway.storage.files import FileStore, SavedFile
-from gateway.storage.models import Prediction, StoredFile, new_id
+from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
 log = logging.getLogger("hidream_gateway.jobs")
 
@@ -226,6 +226,7 @@ class ImageService:
                     path=saved.path,
                     width=result.width,
                     height=result.height,
+                    created_at=utcnow(),
                 )
             )
         return stored

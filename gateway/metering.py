@@ -7,7 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,11 +44,6 @@ def backend_cost_usd(
     return total.quantize(MICRO_USD, rounding=ROUND_HALF_UP)
 
 
-def month_start(now: datetime) -> datetime:
-    """Midnight UTC on the first of ``now``'s month: budgets are per calendar month."""
-    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
 class RateLimiter:
     """A per-tenant sliding one-minute window, in this process.
 
@@ -82,6 +77,6 @@ async def check_budget(session: AsyncSession, *, tenant: Tenant, now: datetime) 
     """Refuse new work once this month's billed usage has reached the tenant's budget."""
     if tenant.monthly_budget_usd is None:
         return
-    spent = await repo.spend_since(session, tenant_id=tenant.id, since=month_start(now))
+    spent = await repo.month_spend(session, tenant_id=tenant.id, month=repo.month_key(now))
     if spent >= tenant.monthly_budget_usd:
         raise BudgetExceeded(f"Monthly budget of ${tenant.monthly_budget_usd} reached (spent ${spent:.6f} this month).")

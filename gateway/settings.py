@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     local_device: str | None = None
     local_queue_size: int = Field(default=8, ge=0)
     public_url: str | None = None
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     url_signing_secret: SecretStr | None = None

@@ -44,14 +44,21 @@ class GenerationQueue:
     def __init__(self, loader: Callable[[], Runner], *, queue_size: int = 8) -> None:
         self.capacity = 1 + queue_size
         self._loader = loader
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hidream-gen")
+        self._executor = self._new_executor()
         self._runner: Future[Runner] | None = None
         self._pending = 0
         self._lock = threading.Lock()
         self._avg_seconds = 5.0
 
+    @staticmethod
+    def _new_executor() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hidream-gen")
+
     def start(self) -> None:
-        """Begin loading the model on the worker thread; jobs submitted meanwhile wait behind the load."""
+        """Begin loading the model on the worker thread; jobs submitted meanwhile wait behind the load.
+
+        After ``close()``, starting again loads afresh (an app restarted in the same process).
+        """
         if self._runner is None:
             self._runner = self._executor.submit(self._loader)
 
@@ -108,6 +115,7 @@ class GenerationQueue:
     def close(self) -> None:
         """Stop: queued jobs are dropped, a running one finishes in the background."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor, self._runner = self._new_executor(), None
 
 
 def model_loader(

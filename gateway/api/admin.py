@@ -58,6 +58,7 @@ async def create_tenant(body: TenantCreate, session: SessionDep, state: StateDep
             session, name=body.name, rpm=body.rpm, monthly_budget_usd=body.monthly_budget_usd
         )
         tenant.route, tenant.allowed_backends = body.route, body.allowed_backends
+    state.authenticator.clear()
     return {"tenant": tenant_body(tenant), "tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
 
 
@@ -85,6 +86,7 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep,
             tenant.route = body.route
         if "allowed_backends" in body.model_fields_set:
             tenant.allowed_backends = body.allowed_backends
+    state.authenticator.clear()
     return tenant_body(tenant)
 
 
@@ -106,11 +108,12 @@ async def list_keys(tenant_id: str, session: SessionDep) -> dict[str, Any]:
 
 
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
+async def revoke_key(key_id: str, session: SessionDep, state: StateDep) -> dict[str, Any]:
     async with session.begin():
         key = await repo.revoke_key(session, key_id=key_id)
         if key is None:
             raise NotFound(f"No key with id '{key_id}'.")
+    state.authenticator.clear()
     return key_body(key)
 
 

@@ -137,3 +137,16 @@ class UsageEvent(Base):
     latency_ms: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))  # succeeded | failed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TenantSpend(Base):
+    """A running total of what each tenant was billed per calendar month (UTC), kept in the settle transaction.
+
+    Budget checks read one row instead of summing usage events, so they stay O(1) as usage grows.
+    """
+
+    __tablename__ = "tenant_spend"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.storage.models import ApiKey, Prediction, StoredFile, Tenant, UsageEvent, utcnow
+from gateway.storage.models import (
+    ApiKey,
+    Base,
+    Prediction,
+    StoredFile,
+    Tenant,
+    TenantSpend,
+    UsageEvent,
+    new_id,
+    utcnow,
+)
 
 
 async def create_tenant(
@@ -66,10 +77,14 @@ async def find_key_by_hash(session: AsyncSession, *, key_hash: str) -> tuple[Api
 
 
 async def create_prediction(session: AsyncSession, **fields: Any) -> Prediction:
-    prediction = Prediction(status="processing", **fields)
-    session.add(prediction)
-    await session.flush()
+    """Record a new prediction as ``processing``. A Core insert: this is on every request's hot path."""
+    prediction = Prediction(id=new_id("gen"), status="processing", attempts=0, created_at=utcnow(), **fields)
+    await session.execute(insert(Prediction).values(_columns(prediction)))
     return prediction
+
+
+def _columns(row: Base) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in row.__table__.columns if getattr(row, c.key) is not None}
 
 
 async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
@@ -117,9 +132,12 @@ async def finish_prediction(
     )
     if getattr(settled, "rowcount", 0) != 1:
         return False
-    session.add_all(files)
-    session.add(
-        UsageEvent(
+    if files:
+        await session.execute(insert(StoredFile).values([_columns(f) for f in files]))
+    if price_usd:
+        await add_spend(session, tenant_id=prediction.tenant_id, month=month_key(now), amount=price_usd)
+    await session.execute(
+        insert(UsageEvent).values(
             prediction_id=prediction.id,
             tenant_id=prediction.tenant_id,
             api_key_id=prediction.api_key_id,
@@ -136,7 +154,6 @@ async def finish_prediction(
             created_at=now,
         )
     )
-    await session.flush()
     return True
 
 
@@ -172,9 +189,25 @@ async def list_usage(
     return (await session.scalars(stmt)).all()
 
 
-async def spend_since(session: AsyncSession, *, tenant_id: str, since: datetime) -> Decimal:
-    """What a tenant has been billed since ``since``."""
-    stmt = select(func.coalesce(func.sum(UsageEvent.price_usd), 0)).where(
-        UsageEvent.tenant_id == tenant_id, UsageEvent.created_at >= since, UsageEvent.status == "succeeded"
+def month_key(at: datetime) -> str:
+    """The spend bucket of a moment: its UTC calendar month."""
+    return at.astimezone(UTC).strftime("%Y-%m")
+
+
+async def add_spend(session: AsyncSession, *, tenant_id: str, month: str, amount: Decimal) -> None:
+    """Add to a tenant's monthly total (an upsert: one statement, safe under concurrent settles)."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(TenantSpend).values(tenant_id=tenant_id, month=month, spent_usd=amount)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["tenant_id", "month"], set_={"spent_usd": TenantSpend.spent_usd + stmt.excluded.spent_usd}
     )
-    return Decimal(str(await session.scalar(stmt)))
+    await session.execute(stmt)
+
+
+async def month_spend(session: AsyncSession, *, tenant_id: str, month: str) -> Decimal:
+    """What a tenant has been billed in ``month`` (``YYYY-MM``)."""
+    spent = await session.scalar(
+        select(TenantSpend.spent_usd).where(TenantSpend.tenant_id == tenant_id, TenantSpend.month == month)
+    )
+    return Decimal(spent or 0)
