@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 
 from gateway.errors import RateLimited
-from gateway.metering import RateLimiter, month_start, price_usd
+from gateway.metering import RateLimiter, price_usd
 from gateway.settings import DEFAULT_PRICES
+from gateway.storage.repo import month_key
 from tests.conftest import Gateway
 
 
@@ -19,8 +20,9 @@ def test_price_is_per_megapixel_per_image_rounded_to_micro_dollars() -> None:
     assert price_usd({}, model="hidream-i1-fast", width=1024, height=1024, images=1) == Decimal("0.000000")
 
 
-def test_month_start_is_utc_midnight_on_the_first() -> None:
-    assert month_start(datetime(2026, 3, 17, 5, 4, 3, tzinfo=UTC)) == datetime(2026, 3, 1, tzinfo=UTC)
+def test_budgets_are_per_utc_calendar_month() -> None:
+    assert month_key(datetime(2026, 3, 31, 23, 30, tzinfo=UTC)) == "2026-03"
+    assert month_key(datetime(2026, 4, 1, 1, 0, tzinfo=timezone(timedelta(hours=2)))) == "2026-03"
 
 
 def test_rate_limiter_slides_and_says_when_to_retry() -> None:
