@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import platform
@@ -29,34 +27,11 @@ import time
 from pathlib import Path
 
 import uvicorn
-from PIL import Image
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from tests.fakes.worker import instant_worker_app
 
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
-
-
-def _png() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 40, 90)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def upstream_app() -> Starlette:
-    answer = json.dumps(
-        {"images": [_png()], "content_type": "image/png", "width": 64, "height": 64, "seed": 1, "timings": {}}
-    ).encode()
-
-    async def generate(request: Request) -> Response:
-        await request.body()
-        return Response(answer, media_type="application/json")
-
-    async def health(request: Request) -> Response:
-        return Response(b'{"ready": true}', media_type="application/json")
-
-    return Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health)])
 
 
 def free_port() -> int:
@@ -125,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     up_port = free_port()
-    upstream = uvicorn.Server(uvicorn.Config(upstream_app(), port=up_port, log_level="warning", access_log=False))
+    upstream = uvicorn.Server(uvicorn.Config(instant_worker_app(), port=up_port, log_level="warning", access_log=False))
     threading.Thread(target=upstream.run, daemon=True).start()
 
     with tempfile.TemporaryDirectory() as tmp:

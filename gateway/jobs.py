@@ -73,7 +73,8 @@ class ImageService:
         self.backends = {b.name: b for b in backends}
         self.files = files
         self.prices = prices
-        self.costs = costs
+        # A copy per process, so the admin API can change prices at run time without touching settings.
+        self.costs: dict[str, dict[str, Cost]] = {name: dict(book) for name, book in costs.items()}
         self.gpu_rate = gpu_usd_per_second
         self.health = health
         self.timeout = timeout
@@ -90,6 +91,12 @@ class ImageService:
             images=job.n,
             gpu_seconds=gpu_seconds,
         )
+
+    def set_costs(self, backend: Backend, costs: Mapping[str, Cost]) -> dict[str, Cost]:
+        """Change what ``backend`` costs per variant from now on (a provider changed its prices)."""
+        book = self.costs.setdefault(backend.name, dict(self.costs.get(backend.kind, {})))
+        book.update(costs)
+        return book
 
     def views(self, job: ImageJob) -> list[BackendView]:
         """Every backend's state right now, as routing sees it."""

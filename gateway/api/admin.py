@@ -14,8 +14,10 @@ from gateway.api.serialize import key_body, tenant_body
 from gateway.api.usage import Limit, Since, as_utc, usage_list
 from gateway.auth import create_tenant_with_key, issue_key
 from gateway.errors import InvalidRequest, NotFound
+from gateway.settings import Cost
 from gateway.storage import repo
 
+VariantName = Literal["full", "dev", "fast"]
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
@@ -126,6 +128,18 @@ async def backends(state: StateDep) -> dict[str, Any]:
         for b in state.backends
     ]
     return {"object": "list", "data": data}
+
+
+@router.put("/backends/{name}/costs")
+async def set_backend_costs(
+    name: str, body: dict[Literal["full", "dev", "fast"], Cost], state: StateDep
+) -> dict[str, Any]:
+    """Change what a backend costs us per variant, effective immediately in this process."""
+    backend = next((b for b in state.backends if b.name == name), None)
+    if backend is None:
+        raise NotFound(f"No backend named '{name}'.")
+    book = state.images.set_costs(backend, {str(variant): cost for variant, cost in body.items()})
+    return {"name": name, "costs": {variant: cost.model_dump(mode="json") for variant, cost in book.items()}}
 
 
 @router.get("/usage")
