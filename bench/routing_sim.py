@@ -48,7 +48,7 @@ PHASES = [
     Phase("all up"),
     Phase("worker down", down={"worker"}),
     Phase("worker back", costs={}),
-    Phase("replicate throttled", throttled={"replicate"}),
+    Phase("worker down, replicate throttled", down={"worker"}, throttled={"replicate"}),
     Phase("GPU price x3", costs={"worker": {"gpu_seconds": "12"}}),
     Phase("fal down, replicate price x2", down={"fal"}, costs={"replicate": {"per_image": "0.02"}}),
     Phase("only replicate", down={"fal", "worker"}),

@@ -38,7 +38,8 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pool_pre_ping: it costs a round trip on every checkout; pool_recycle retires idle connections instead.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
