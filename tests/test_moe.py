@@ -1,0 +1,85 @@
+"""The device-side MoE path gives the same outputs as stock diffusers, and traces as one graph."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import HiDreamImageTransformer2DModel
+from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+from inference.moe import patch_moe
+
+
+def _layer(dim: int, tokens: int, dtype: torch.dtype, seed: int = 0) -> tuple[MOEFeedForwardSwiGLU, torch.Tensor]:
+    torch.manual_seed(seed)
+    layer = MOEFeedForwardSwiGLU(dim, 4 * dim, num_routed_experts=4, num_activated_experts=2).eval().to(dtype)
+    return layer, torch.randn(2, tokens, dim, dtype=dtype)
+
+
+@pytest.mark.parametrize(("dim", "tokens"), [(32, 300), (128, 64)])
+def test_moe_layer_matches_stock_in_fp32(dim: int, tokens: int) -> None:
+    stock, x = _layer(dim, tokens, torch.float32)
+    ours = copy.deepcopy(stock)
+    assert patch_moe(ours) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), stock(x), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_layer_of_the_released_size_matches_stock_within_bf16_tolerance() -> None:
+    # HiDream-I1: 20 heads x 128 = 2560 wide, expert SwiGLU hidden 6912, 4 routed experts, 2 active.
+    stock, x = _layer(2560, 96, torch.bfloat16)
+    ours = copy.deepcopy(stock)
+    patch_moe(ours)
+    with torch.no_grad():
+        expected, got = stock(x).float(), ours(x).float()
+    # bf16 has 8 bits of mantissa; the two paths sum the same products in a different order.
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9999
+
+
+def test_patching_keeps_memory_and_state_dict() -> None:
+    layer, _ = _layer(64, 8, torch.float32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    patch_moe(layer)
+    after = layer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    expert = layer.experts[1]
+    assert expert.w1.weight.untyped_storage().data_ptr() == layer._grouped.w13.untyped_storage().data_ptr()
+
+
+def test_whole_tiny_transformer_matches_stock(tiny_root: Path) -> None:
+    stock = HiDreamImageTransformer2DModel.from_pretrained(tiny_root / "pipeline" / "transformer").eval()
+    ours = copy.deepcopy(stock)
+    assert patch_moe(ours) == 2  # one double-stream and one single-stream block
+    torch.manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 64, 64),
+        "timesteps": torch.tensor([500.0, 500.0]),
+        "encoder_hidden_states_t5": torch.randn(2, 16, 32),
+        "encoder_hidden_states_llama3": torch.randn(2, 2, 16, 32),
+        "pooled_embeds": torch.randn(2, 64),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs)[0], stock(**inputs)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_moe_layer_traces_as_one_graph_where_stock_cannot() -> None:
+    import torch._dynamo
+
+    # bf16, as on the GPU (the grouped kernel's shape rules for tracing are bf16's).
+    stock, x = _layer(64, 32, torch.bfloat16)
+    ours = copy.deepcopy(stock)
+    patch_moe(ours)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(ours, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), ours(x))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"(?i)graph break|numpy|unsupported|data-dependent"):
+            torch.compile(stock, backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
