@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 State = Literal["closed", "open", "half_open"]
+MAX_THROTTLE_SECONDS = 10.0
 
 
 @dataclass
@@ -91,6 +92,9 @@ class HealthBoard:
             yield
         finally:
             h.in_flight -= 1
+            # No verdict (cancelled, or the caller has not judged the answer yet): free the trial slot so
+            # the breaker cannot stay half-open with its only slot taken forever.
+            h.breaker.trial_in_flight = False
 
     def success(self, name: str, seconds: float | None) -> None:
         """A good answer (an input error counts: the backend itself is fine)."""
@@ -107,9 +111,13 @@ class HealthBoard:
         h.last_error = error[:300]
 
     def throttled(self, name: str, retry_after: float) -> None:
-        """The backend said "not now": skip it until Retry-After passes, without counting a failure."""
+        """The backend said "not now": skip it until Retry-After passes (at most MAX_THROTTLE_SECONDS).
+
+        The cap keeps one pessimistic Retry-After (a queue estimate, a provider's long back-off) from idling
+        a backend for minutes; asking again early costs only one refused request.
+        """
         h = self.backends[name]
-        h.throttled_until = max(h.throttled_until, self.clock() + retry_after)
+        h.throttled_until = max(h.throttled_until, self.clock() + min(retry_after, MAX_THROTTLE_SECONDS))
         h.breaker.trial_in_flight = False
 
     def retry_after(self, name: str) -> int:

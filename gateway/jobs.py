@@ -149,70 +149,107 @@ class ImageService:
                 seed=job.seed,
             )
         started = time.monotonic()
-        attempts, errors = 0, list[GatewayError]()
+        tried: list[str] = []
+        errors: list[GatewayError] = []
         served: Backend | None = None
         try:
             for backend in candidates:
                 remaining = started + self.timeout - time.monotonic()
                 if remaining <= 0 or not self.health.admits(backend.name):
                     continue
-                attempts += 1
-                t0 = time.monotonic()
-                try:
-                    with self.health.attempt(backend.name):
-                        result = await backend.generate(job, timeout=min(remaining, self.attempt_timeout))
-                except BackendInputError:
-                    self.health.success(backend.name, None)  # the backend is fine; the input is not
-                    raise
-                except BackendBusy as exc:
-                    self.health.throttled(backend.name, exc.retry_after)
-                    errors.append(exc)
-                except GatewayError as exc:
-                    log.warning("attempt %d on %s failed: %s", attempts, backend.name, exc.message)
-                    self.health.failure(backend.name, exc.message)
-                    errors.append(exc)
-                else:
-                    self.health.success(backend.name, time.monotonic() - t0)
-                    served = backend
+                tried.append(backend.name)
+                result_or_error = await self._attempt(backend, job, min(remaining, self.attempt_timeout))
+                if isinstance(result_or_error, ImageResult):
+                    served, result = backend, result_or_error
                     break
+                errors.append(result_or_error)
             if served is None:
+                if not tried:  # every candidate became ineligible (e.g. another request took a trial slot)
+                    raise BackendBusy("Every backend that can serve this request is busy; retry later.", retry_after=2)
                 raise final_error(errors, out_of_time=time.monotonic() >= started + self.timeout)
             stored = await asyncio.to_thread(self._save_all, prediction, result)
         except BaseException as exc:
             status = "canceled" if isinstance(exc, asyncio.CancelledError) else "failed"
             # Only our own errors carry a message fit for the client; anything else is recorded by type.
             error = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+            name = served.name if served else (tried[-1] if tried else None)
             # Shielded so a client hanging up cannot leave the prediction unsettled.
-            name = served.name if served else (candidates[0].name if attempts <= 1 else "multiple")
-            await asyncio.shield(self._settle_failure(prediction, name, started, status, error, attempts))
+            await asyncio.shield(self._settle_failure(prediction, name, started, status, error, len(tried)))
             raise
+        attempts = len(tried)
         latency_ms = int((time.monotonic() - started) * 1000)
         gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
+        settle = self._settle_success(prediction, served, job, result, stored, model, attempts, latency_ms, gpu_seconds)
         try:
-            async with self.sessions.begin() as session:
-                await repo.finish_prediction(
-                    session,
-                    prediction=prediction,
-                    status="succeeded",
-                    backend=served.name,
-                    latency_ms=latency_ms,
-                    price_usd=price_usd(
-                        self.prices, model=model, width=result.width, height=result.height, images=len(stored)
-                    ),
-                    cost_usd=self.cost(served, job, gpu_seconds),
-                    attempts=attempts,
-                    images=len(stored),
-                    width=result.width,
-                    height=result.height,
-                    files=stored,
-                )
-        except BaseException:
+            # Shielded: once the images exist, a client hanging up must not stop their rows from landing.
+            await asyncio.shield(settle)
+        except Exception as exc:
             for f in stored:  # the rows never landed, so neither should the files
                 self.files.delete(f.path)
-            raise
+            log.exception("could not record the success of prediction %s", prediction.id)
+            await asyncio.shield(
+                self._settle_failure(prediction, served.name, started, "failed", type(exc).__name__, attempts)
+            )
+            raise BackendFailed("The image was made but could not be stored; it is not billed.") from exc
         prediction.status, prediction.backend, prediction.attempts = "succeeded", served.name, attempts
         prediction.width, prediction.height, prediction.latency_ms = result.width, result.height, latency_ms
         return Completed(prediction, stored, result, served.name, attempts)
+
+    async def _attempt(self, backend: Backend, job: ImageJob, timeout: float) -> ImageResult | GatewayError:
+        """One try on one backend: its result, or the error to fail over with (health is updated either way).
+
+        An input error is raised instead: it would fail the same way everywhere.
+        """
+        t0 = time.monotonic()
+        try:
+            with self.health.attempt(backend.name):
+                result = await backend.generate(job, timeout=timeout)
+        except BackendInputError:
+            self.health.success(backend.name, None)  # the backend is fine; the input is not
+            raise
+        except BackendBusy as exc:
+            self.health.throttled(backend.name, exc.retry_after)
+            return exc
+        except GatewayError as exc:
+            log.warning("attempt on %s failed: %s", backend.name, exc.message)
+            self.health.failure(backend.name, exc.message)
+            return exc
+        except Exception as exc:  # a bug or an answer no adapter anticipated: still fail over
+            log.exception("attempt on %s raised", backend.name)
+            self.health.failure(backend.name, type(exc).__name__)
+            return BackendFailed(f"{backend.name} failed unexpectedly ({type(exc).__name__}).")
+        self.health.success(backend.name, time.monotonic() - t0)
+        return result
+
+    async def _settle_success(
+        self,
+        prediction: Prediction,
+        served: Backend,
+        job: ImageJob,
+        result: ImageResult,
+        stored: list[StoredFile],
+        model: str,
+        attempts: int,
+        latency_ms: int,
+        gpu_seconds: float | None,
+    ) -> None:
+        async with self.sessions.begin() as session:
+            await repo.finish_prediction(
+                session,
+                prediction=prediction,
+                status="succeeded",
+                backend=served.name,
+                latency_ms=latency_ms,
+                price_usd=price_usd(
+                    self.prices, model=model, width=result.width, height=result.height, images=len(stored)
+                ),
+                cost_usd=self.cost(served, job, gpu_seconds),
+                attempts=attempts,
+                images=len(stored),
+                width=result.width,
+                height=result.height,
+                files=stored,
+            )
 
     def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
         stored: list[StoredFile] = []
@@ -239,7 +276,7 @@ class ImageService:
         return stored
 
     async def _settle_failure(
-        self, prediction: Prediction, backend: str, started: float, status: str, error: str, attempts: int
+        self, prediction: Prediction, backend: str | None, started: float, status: str, error: str, attempts: int
     ) -> None:
         try:
             async with self.sessions.begin() as session:

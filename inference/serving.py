@@ -80,8 +80,8 @@ class GenerationQueue:
         return None
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely to free up, from recent generation times."""
-        return int(self._pending * self._avg_seconds) + 1
+        """Seconds until a slot is likely to free up: one generation, from recent generation times."""
+        return int(self._avg_seconds) + 1
 
     def _release(self, _fut: object) -> None:
         with self._lock:

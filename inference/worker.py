@@ -112,6 +112,8 @@ def create_worker_app(queue: GenerationQueue, *, token: str | None, variants: fr
             return _error(503, f"not available: {exc}", {"Retry-After": "30"})
         except TimeoutError:
             return _error(504, f"not done within {body.timeout_s:.0f} s")
+        except ValueError as exc:  # the pipeline refused these parameters
+            return _error(422, f"invalid parameters: {exc}")
         return {
             "images": [base64.b64encode(img).decode() for img in gen.images],
             "content_type": gen.content_type,

@@ -112,7 +112,7 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
         database_url: str,
         *,
         queue_size: int = 8,
-        backend: LocalBackend | None = None,
+        backend: Any = None,
         from_settings: bool = False,
         **overrides: Any,
     ) -> Gateway:
@@ -120,9 +120,13 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
         settings = Settings(database_url=database_url, **fields)
         if backend is None:
             backend = LocalBackend(lambda: runner, variants=frozenset(VARIANTS), queue_size=queue_size)
-        backend.start()
+        chain = backend if isinstance(backend, list) else [backend]  # several, in routing-order
+        for b in chain:
+            if isinstance(b, LocalBackend):
+                b.start()
+        backend = chain[-1] if isinstance(backend, list) else backend
         # from_settings: the app builds its backends from HDG_BACKENDS itself (remote ones, in these tests).
-        server = ServerThread(create_app(settings, backends=None if from_settings else [backend])).start()
+        server = ServerThread(create_app(settings, backends=None if from_settings else chain)).start()
         url = f"http://127.0.0.1:{server.port}"
         client = httpx.Client(base_url=url, timeout=120)
         stack.append((server, backend, client))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from gateway.backends.base import BackendInputError, ImageJob
 from gateway.backends.fal import FalBackend, fal_input
-from gateway.backends.remote import check, retry_after
+from gateway.backends.remote import check, normalise, retry_after, send
 from gateway.backends.replicate import replicate_input
 from gateway.backends.worker import WorkerBackend
 from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable
@@ -140,3 +140,32 @@ def test_fal_webp_job_is_reencoded_and_data_uris_are_accepted() -> None:
 
     result = asyncio.run(run())
     assert Image.open(io.BytesIO(result.images[0])).format == "WEBP" and result.content_type == "image/webp"
+
+
+def test_a_4xx_on_a_poll_is_the_providers_fault_not_the_inputs() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422, json={"detail": "schema changed"})
+
+    async def run(submits: bool) -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await send(client, "replicate", "GET", "https://x/v1/predictions/p", submits=submits)
+
+    with pytest.raises(BackendInputError):
+        asyncio.run(run(True))
+    with pytest.raises(BackendFailed) as failed:
+        asyncio.run(run(False))
+    assert not isinstance(failed.value, BackendInputError)
+
+
+def test_broken_answers_become_backend_failures() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"not gzip")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await send(client, "fal", "GET", "https://x/status")
+
+    with pytest.raises(BackendFailed, match="unusable"):
+        asyncio.run(run())
+    with pytest.raises(BackendFailed, match="usable image"):
+        normalise([b"\x89PNG garbage"], "png", 90, "fal")

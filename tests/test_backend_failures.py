@@ -80,4 +80,49 @@ def test_admin_patch_limits(sqlite_gateway: Gateway) -> None:
     assert cleared["rpm"] is None and cleared["monthly_budget_usd"] is None
     bad = sqlite_gateway.admin("PATCH", path, json={"plan": "gold"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "plan"
-    assert sqlite_gateway.admin("PATCH", "/admin/tenants/ten_nobody", json={}).status_code == 404
+    assert sqlite_gateway.admin("PATCH", "/admin/tenants/ten_nobody", json={}).status_code == 400
+    assert sqlite_gateway.admin("PATCH", f"/admin/tenants/ten_{'0' * 24}", json={}).status_code == 404
+
+
+class _Exploding:
+    """A backend with a bug: it raises something no adapter translated."""
+
+    name = kind = "exploding"
+    variants = frozenset({"fast"})
+
+    async def generate(self, job: Any, *, timeout: float) -> Any:
+        raise KeyError("urls")
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_an_unexpected_exception_in_a_backend_still_fails_over(
+    make_gateway: GatewayFactory, sqlite_url: str, runner: Any
+) -> None:
+    local = LocalBackend(lambda: runner, variants=frozenset({"fast"}))
+    gw = make_gateway(sqlite_url, backend=[_Exploding(), local], route="exploding,local")
+    key = gw.create_tenant()["api_key"]
+
+    resp = gw.generate(key)
+
+    assert resp.status_code == 200 and resp.headers["X-HDG-Backend"] == "local"
+    assert resp.headers["X-HDG-Attempts"] == "2"
+    health = {b["name"]: b for b in gw.admin("GET", "/admin/backends").json()["data"]}
+    assert health["exploding"]["failures"] == 1 and health["exploding"]["last_error"] == "KeyError"
+
+
+def test_nul_bytes_and_malformed_ids_are_client_errors_on_every_database(gateway: Gateway) -> None:
+    key = gateway.create_tenant()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = gateway.generate(key, prompt="a\u0000b")
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    for path in ("/v1/images/generations/%00", "/v1/files/%00", "/v1/files/%00/content"):
+        assert gateway.client.get(path, headers=auth).status_code == 404, path
+    assert gateway.client.get("/files/%00", params={"expires": 9999999999, "signature": "x"}).status_code == 403
+    assert gateway.client.get("/files/file_x", params={"expires": 9999999999, "signature": "é"}).status_code == 403
+    assert gateway.admin("POST", "/admin/keys/%00/revoke").status_code == 400
+    assert gateway.admin("GET", "/admin/usage", params={"tenant_id": "\u0000"}).status_code == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -129,3 +130,15 @@ def test_health_board_tracks_throttling_latency_and_in_flight() -> None:
     board.success("fal", 2.0)
     board.success("fal", 4.0)
     assert board.snapshot()["fal"]["latency_ms"] == pytest.approx(2400.0)
+
+
+def test_a_cancelled_trial_frees_the_half_open_slot() -> None:
+    now = [0.0]
+    board = HealthBoard(failure_threshold=1, open_seconds=5, clock=lambda: now[0])
+    board.register("worker", max_in_flight=4)
+    board.failure("worker", "down")
+    now[0] = 6.0
+    assert board.admits("worker")
+    with pytest.raises(asyncio.CancelledError), board.attempt("worker"):
+        raise asyncio.CancelledError  # the client went away mid-trial: no verdict
+    assert board.admits("worker") and board.backends["worker"].in_flight == 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import SessionDep, StateDep, require_admin
@@ -18,6 +18,10 @@ from gateway.settings import Cost
 from gateway.storage import repo
 
 VariantName = Literal["full", "dev", "fast"]
+# Ids are checked for shape before any query: a malformed one (a NUL byte, say) never reaches the database.
+TENANT_ID, KEY_ID = r"^ten_[0-9a-f]{24}$", r"^key_[0-9a-f]{24}$"
+TenantId = Annotated[str, Path(pattern=TENANT_ID)]
+KeyId = Annotated[str, Path(pattern=KEY_ID)]
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
@@ -70,7 +74,9 @@ async def list_tenants(session: SessionDep) -> dict[str, Any]:
 
 
 @router.patch("/tenants/{tenant_id}")
-async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep, state: StateDep) -> dict[str, Any]:
+async def update_tenant(
+    tenant_id: TenantId, body: TenantUpdate, session: SessionDep, state: StateDep
+) -> dict[str, Any]:
     """Enable or disable a tenant, or change its limits and routing; fields left out stay as they are."""
     _check_routing(state, body.route, body.allowed_backends)
     async with session.begin():
@@ -93,7 +99,7 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, session: SessionDep,
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
-async def create_key(tenant_id: str, session: SessionDep) -> dict[str, Any]:
+async def create_key(tenant_id: TenantId, session: SessionDep) -> dict[str, Any]:
     async with session.begin():
         if await repo.get_tenant(session, tenant_id=tenant_id) is None:
             raise NotFound(f"No tenant with id '{tenant_id}'.")
@@ -102,7 +108,7 @@ async def create_key(tenant_id: str, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/tenants/{tenant_id}/keys")
-async def list_keys(tenant_id: str, session: SessionDep) -> dict[str, Any]:
+async def list_keys(tenant_id: TenantId, session: SessionDep) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [key_body(k) for k in await repo.list_keys(session, tenant_id=tenant_id)],
@@ -110,7 +116,7 @@ async def list_keys(tenant_id: str, session: SessionDep) -> dict[str, Any]:
 
 
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(key_id: str, session: SessionDep, state: StateDep) -> dict[str, Any]:
+async def revoke_key(key_id: KeyId, session: SessionDep, state: StateDep) -> dict[str, Any]:
     async with session.begin():
         key = await repo.revoke_key(session, key_id=key_id)
         if key is None:
@@ -145,7 +151,7 @@ async def set_backend_costs(
 @router.get("/usage")
 async def all_usage(
     session: SessionDep,
-    tenant_id: str | None = None,
+    tenant_id: Annotated[str | None, Query(pattern=TENANT_ID)] = None,
     since: Since = None,
     until: Since = None,
     limit: Limit = 1000,

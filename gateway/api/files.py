@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.errors import NotFound, PermissionDenied
 from gateway.storage import repo
-from gateway.storage.models import StoredFile
+from gateway.storage.models import StoredFile, is_id
 
 router = APIRouter(tags=["files"])
 
@@ -28,7 +28,7 @@ async def signed_file(
     file_id: str, session: SessionDep, state: StateDep, expires: int = 0, signature: str = ""
 ) -> FileResponse:
     """The bytes behind a signed URL; a tampered or expired signature is a 403."""
-    if not state.signer.verify(file_id, expires, signature):
+    if not is_id(file_id, "file") or not state.signer.verify(file_id, expires, signature):
         raise PermissionDenied("This file URL is invalid or has expired.", code="invalid_signature")
     f = await repo.get_file(session, file_id=file_id)
     if f is None:
@@ -37,7 +37,7 @@ async def signed_file(
 
 
 async def _own_file(session: SessionDep, principal: PrincipalDep, file_id: str) -> StoredFile:
-    f = await repo.get_file(session, file_id=file_id, tenant_id=principal.tenant.id)
+    f = await repo.get_file(session, file_id=file_id, tenant_id=principal.tenant.id) if is_id(file_id, "file") else None
     if f is None:  # another tenant's file reads exactly like a missing one
         raise NotFound(f"No file with id '{file_id}'.", param="file_id")
     return f

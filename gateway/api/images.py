@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.backends.base import ImageJob
@@ -17,7 +17,7 @@ from gateway.errors import InvalidRequest, ModelNotFound, NotFound
 from gateway.metering import check_budget
 from gateway.routing import Route
 from gateway.storage import repo
-from gateway.storage.models import Prediction, StoredFile, utcnow
+from gateway.storage.models import Prediction, StoredFile, is_id, utcnow
 from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
 
 router = APIRouter(tags=["images"])
@@ -46,6 +46,14 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(default=None, ge=1, le=100)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+
+    @field_validator("prompt", "negative_prompt", "user")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # PostgreSQL cannot store NUL in text, and no prompt needs one.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 def parse_size(size: str | None) -> tuple[int, int]:
@@ -186,7 +194,9 @@ async def get_generation(
     request: Request,
 ) -> dict[str, Any]:
     """A past generation of the caller's, with fresh signed URLs; another tenant's id is a 404."""
-    p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    p = None
+    if is_id(prediction_id, "gen"):
+        p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
     if p is None:
         raise NotFound(f"No generation with id '{prediction_id}'.", param="id")
     files = await repo.list_files(session, prediction_id=p.id)

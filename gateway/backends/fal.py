@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 from typing import Any
 
 import httpx
 
 from gateway.backends.base import ImageJob, ImageResult
-from gateway.backends.remote import best_effort, download, field, normalise, send, with_deadline
+from gateway.backends.remote import best_effort, download, field, gather_all, normalise, send, with_deadline
 from gateway.errors import BackendFailed
 
 
@@ -78,6 +77,7 @@ class FalBackend:
             f"{self._base}/{self._apps[job.variant]}",
             json=fal_input(job),
             headers=self._auth,
+            submits=True,
         )
         status_url = field(submitted, "status_url", str, self.name)
         response_url = field(submitted, "response_url", str, self.name)
@@ -101,13 +101,13 @@ class FalBackend:
         images = field(result, "images", list, self.name)
         if len(images) != job.n or not all(isinstance(i, dict) and isinstance(i.get("url"), str) for i in images):
             raise BackendFailed(f"fal returned {len(images)} malformed or missing images for n={job.n}.")
-        return list(await asyncio.gather(*(self._fetch(i["url"]) for i in images)))
+        return await gather_all(*(self._fetch(i["url"]) for i in images))
 
     async def _fetch(self, url: str) -> bytes:
         if url.startswith("data:"):  # sync_mode answers carry the image inline
             try:
                 return base64.b64decode(url.split(",", 1)[1], validate=True)
-            except (IndexError, binascii.Error) as exc:
+            except (IndexError, ValueError) as exc:  # binascii.Error is a ValueError
                 raise BackendFailed("fal returned a malformed data URI.") from exc
         return await download(self._client, url, self.name)
 

@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gateway.backends.base import BackendInputError
 from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
@@ -72,15 +72,28 @@ def check(resp: httpx.Response, backend: str) -> dict[str, Any]:
     return body
 
 
-async def send(client: httpx.AsyncClient, backend: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-    """One request, translated by ``check``; transport errors become BackendUnavailable/BackendFailed."""
+async def send(
+    client: httpx.AsyncClient, backend: str, method: str, url: str, *, submits: bool = False, **kwargs: Any
+) -> dict[str, Any]:
+    """One request, translated by ``check``; transport errors become BackendUnavailable/BackendFailed.
+
+    ``submits`` marks the call that carries the job's input: only there is a 400/422 the input's fault.
+    Elsewhere (polls, results, cancels) it means the provider changed under us, so it fails over.
+    """
     try:
         resp = await client.request(method, url, **kwargs)
     except httpx.TimeoutException as exc:
         raise BackendFailed(f"{backend} did not answer in time ({type(exc).__name__}).") from exc
     except httpx.TransportError as exc:
         raise BackendUnavailable(f"{backend} cannot be reached ({type(exc).__name__}).") from exc
-    return check(resp, backend)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad encoding, redirects, a URL it gave us
+        raise BackendFailed(f"{backend} gave an unusable answer ({type(exc).__name__}).") from exc
+    try:
+        return check(resp, backend)
+    except BackendInputError as exc:
+        if submits:
+            raise
+        raise BackendFailed(exc.message) from exc
 
 
 def field(body: dict[str, Any], key: str, kind: type[T], backend: str) -> T:
@@ -107,16 +120,15 @@ def normalise(blobs: list[bytes], output_format: str, quality: int, backend: str
         try:
             img = Image.open(io.BytesIO(blob))
             img.load()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise BackendFailed(f"{backend} returned an output that is not an image.") from exc
-        size = img.size
-        if img.format == PIL_FORMATS[output_format]:
-            images.append(blob)
-            continue
-        buf = io.BytesIO()
-        img = img.convert("RGB") if output_format == "jpeg" else img
-        img.save(buf, format=PIL_FORMATS[output_format], quality=quality)
-        images.append(buf.getvalue())
+            size = img.size
+            if img.format == PIL_FORMATS[output_format]:
+                images.append(blob)
+                continue
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format=PIL_FORMATS[output_format], quality=quality)
+            images.append(buf.getvalue())
+        except Exception as exc:  # not an image, a decompression bomb, a mode we cannot encode
+            raise BackendFailed(f"{backend} returned an output that is not a usable image.") from exc
     return Decoded(images, CONTENT_TYPES[output_format], size[0], size[1])
 
 
@@ -124,11 +136,21 @@ async def download(client: httpx.AsyncClient, url: str, backend: str) -> bytes:
     """Fetch one output (provider URLs expire, so the gateway keeps its own copy)."""
     try:
         resp = await client.get(url)
-    except httpx.TransportError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise BackendFailed(f"{backend}'s output could not be downloaded ({type(exc).__name__}).") from exc
     if resp.status_code != 200:
         raise BackendFailed(f"{backend}'s output URL answered {resp.status_code}.")
     return resp.content
+
+
+async def gather_all(*work: Awaitable[T]) -> list[T]:
+    """Run all of ``work`` at once; if one fails, cancel the rest (they may be billing) and raise its error."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks: list[asyncio.Task[T]] = [group.create_task(w) for w in work]  # type: ignore[arg-type]
+    except BaseExceptionGroup as grouped:
+        raise grouped.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 async def with_deadline(work: Awaitable[T], *, timeout: float, backend: str) -> T:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from gateway.backends.base import ImageJob, ImageResult
-from gateway.backends.remote import best_effort, download, field, normalise, send, with_deadline
+from gateway.backends.remote import best_effort, download, field, gather_all, normalise, send, with_deadline
 from gateway.errors import BackendFailed
 
 # Replicate's HiDream models take the resolution as one of these labels (note the "×").
@@ -75,24 +75,29 @@ class ReplicateBackend:
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
         async def all_images() -> list[bytes]:
-            return list(await asyncio.gather(*(self._one(job, job.seed + i, timeout) for i in range(job.n))))
+            return await gather_all(*(self._one(job, job.seed + i, timeout) for i in range(job.n)))
 
         blobs = await with_deadline(all_images(), timeout=timeout, backend=self.name)
         decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
         return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed)
 
     async def _one(self, job: ImageJob, seed: int, timeout: float) -> bytes:
+        wait = max(1, min(60, int(timeout)))
         headers = self._auth | {
             # Hold the create call open until done (at most 60 s), and have Replicate stop the
             # prediction itself if we are gone by the deadline: it bills for the time it runs.
-            "Prefer": f"wait={max(1, min(60, int(timeout)))}",
+            "Prefer": f"wait={wait}",
             "Cancel-After": f"{max(5, int(timeout) + 1)}s",
         }
         url = f"{self._base}/v1/models/{self._models[job.variant]}/predictions"
+        body = {"input": replicate_input(job, seed)}
+        # The read timeout must outlast the wait we asked for, or we would abandon a prediction we cannot cancel.
         prediction = await send(
-            self._client, self.name, "POST", url, json={"input": replicate_input(job, seed)}, headers=headers
+            self._client, self.name, "POST", url, json=body, headers=headers, timeout=wait + 10, submits=True
         )
         urls = field(prediction, "urls", dict, self.name)
+        if not isinstance(urls.get("get"), str):
+            raise BackendFailed("replicate answered without a urls.get to poll.")
         try:
             while prediction.get("status") not in TERMINAL:
                 await asyncio.sleep(self._poll)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 from dataclasses import asdict
 
 import httpx
@@ -66,18 +65,21 @@ class WorkerBackend:
                 json=body,
                 headers=self._headers,
                 timeout=timeout,
+                submits=True,
             ),
             timeout=timeout,
             backend=self.name,
         )
         try:
             blobs = [base64.b64decode(b, validate=True) for b in field(answer, "images", list, self.name)]
-        except (binascii.Error, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError; so is non-ASCII text
             raise BackendFailed(f"{self.name} returned images that are not base64.") from exc
         if len(blobs) != job.n:
             raise BackendFailed(f"{self.name} returned {len(blobs)} images for n={job.n}.")
         raw = answer.get("timings")
-        timings = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)} if isinstance(raw, dict) else {}
+        raw = raw if isinstance(raw, dict) else {}
+        # Only finite, non-negative seconds: they become a cost on the tenant's usage event.
+        timings = {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and 0 <= v < 86_400}
         decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
         return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed, timings)
 

@@ -74,4 +74,4 @@ class UrlSigner:
         if expires < (now if now is not None else time.time()):
             return False
         # Constant-time comparison, so response timing does not reveal how much of a forged signature matched.
-        return hmac.compare_digest(self._signature(file_id, expires), signature)
+        return hmac.compare_digest(self._signature(file_id, expires).encode(), signature.encode())

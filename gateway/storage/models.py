@@ -24,6 +24,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+def is_id(value: str, prefix: str) -> bool:
+    """Whether ``value`` has the shape of an id made by ``new_id(prefix)`` (checked before any query)."""
+    head, _, tail = value.partition("_")
+    return head == prefix and len(tail) == 24 and all(c in "0123456789abcdef" for c in tail)
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)
