@@ -105,11 +105,13 @@ class HiDreamRunner:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         fast_moe: bool = True,
+        fast_load: bool = True,
     ) -> HiDreamRunner:
         """Load the pipeline from ``model_path``; Llama from ``llama_path`` when it is kept apart.
 
         ``fast_moe`` swaps the transformer's MoE layers for the device-side path (inference/moe.py):
-        same outputs within floating-point tolerance, no host sync per block.
+        same outputs within floating-point tolerance, no host sync per block. ``fast_load`` reads the
+        transformer (most of the bytes) with inference/loading.py's parallel reader.
         """
         from diffusers import HiDreamImagePipeline
         from diffusers.utils import logging as diffusers_logging
@@ -132,6 +134,15 @@ class HiDreamRunner:
                 output_attentions=True,
                 attn_implementation="eager",
                 dtype=dtype,
+            )
+        transformer_dir = Path(model_path) / "transformer"
+        if fast_load and any(transformer_dir.glob("*.safetensors")):
+            from diffusers import HiDreamImageTransformer2DModel
+
+            from inference.loading import load_model
+
+            extra["transformer"], _stats = load_model(
+                HiDreamImageTransformer2DModel, transformer_dir, device=device, dtype=dtype
             )
         pipe = HiDreamImagePipeline.from_pretrained(str(model_path), dtype=dtype, **extra)
         pipe.to(device)
