@@ -83,3 +83,23 @@ def test_moe_layer_traces_as_one_graph_where_stock_cannot() -> None:
         with pytest.raises(Exception, match=r"(?i)graph break|numpy|unsupported|data-dependent"):
             torch.compile(stock, backend="eager", fullgraph=True)(x)
     torch._dynamo.reset()
+
+
+def test_gpu_bench_runs_end_to_end_on_a_tiny_config(tmp_path: Path) -> None:
+    """The GPU benchmark is one prepared script: check it runs (on the CPU, tiny) before it meets a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_bench.py"
+    env = os.environ | {"BENCH_DISK_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--steps", "1", "--warmup", "0", "--load-gb", "0.001"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stock" in done.stdout and "ours" in done.stdout and "GB/s" in done.stdout
