@@ -134,7 +134,13 @@ class HiDream:
             runner.device = "cuda"
         patch_moe(runner.pipe.transformer)
         if COMPILE == "regional" and runner.device == "cuda":
+            from inference.runner import GenerateParams
+            from inference.variants import VARIANTS
+
             compile_blocks(runner.pipe.transformer)
+            # Compile now, not on a tenant's request, then keep the kernels for the next container.
+            runner.generate(GenerateParams("warm-up", VARIANTS[VARIANT], 1024, 1024, seed=0, num_inference_steps=2))
+            compile_cache.commit()
         self.queue = GenerationQueue(lambda: runner, queue_size=8)
         self.queue.start()
 
