@@ -147,20 +147,9 @@ class HiDream:
     @modal.method()
     def generate(self, job: dict[str, Any]) -> dict[str, Any]:
         """The worker protocol's ``POST /generate``, for callers that use the Modal SDK."""
-        import base64
+        from inference.worker import WorkerRequest, generation_body
 
-        from inference.worker import WorkerRequest
-
-        request = WorkerRequest.model_validate(job)
-        gen = self.runner.generate(request.params())
-        return {
-            "images": [base64.b64encode(img).decode() for img in gen.images],
-            "content_type": gen.content_type,
-            "width": gen.width,
-            "height": gen.height,
-            "seed": gen.seed,
-            "timings": gen.timings,
-        }
+        return generation_body(self.runner.generate(WorkerRequest.model_validate(job).params()))
 
     @modal.asgi_app(requires_proxy_auth=True)
     def web(self) -> Any:

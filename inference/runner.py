@@ -36,6 +36,11 @@ class GenerateParams:
     output_format: OutputFormat = "png"
     quality: int = 90
 
+    @classmethod
+    def of(cls, *, variant: str, **fields: Any) -> GenerateParams:
+        """Params from plain fields, the variant given by name (``"fast"``)."""
+        return cls(variant=VARIANTS[variant], **fields)
+
     @property
     def steps(self) -> int:
         """Steps to run: the request's, else the variant's recommendation."""

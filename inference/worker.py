@@ -18,9 +18,9 @@ from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inference.runner import MAX_SEED, GenerateParams
+from inference.runner import MAX_SEED, GenerateParams, Generation
 from inference.serving import GenerationQueue, NotLoaded, QueueFull
-from inference.variants import RESOLUTIONS, VARIANTS
+from inference.variants import RESOLUTIONS
 
 
 class WorkerRequest(BaseModel):
@@ -48,19 +48,19 @@ class WorkerRequest(BaseModel):
         return self
 
     def params(self) -> GenerateParams:
-        return GenerateParams(
-            prompt=self.prompt,
-            variant=VARIANTS[self.variant],
-            width=self.width,
-            height=self.height,
-            seed=self.seed,
-            n=self.n,
-            negative_prompt=self.negative_prompt,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            output_format=self.output_format,
-            quality=self.quality,
-        )
+        return GenerateParams.of(**self.model_dump(exclude={"timeout_s"}))
+
+
+def generation_body(gen: Generation) -> dict[str, Any]:
+    """The JSON answer to ``POST /generate`` (also what the Modal method returns)."""
+    return {
+        "images": [base64.b64encode(img).decode() for img in gen.images],
+        "content_type": gen.content_type,
+        "width": gen.width,
+        "height": gen.height,
+        "seed": gen.seed,
+        "timings": gen.timings,
+    }
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -114,13 +114,6 @@ def create_worker_app(queue: GenerationQueue, *, token: str | None, variants: fr
             return _error(504, f"not done within {body.timeout_s:.0f} s")
         except ValueError as exc:  # the pipeline refused these parameters
             return _error(422, f"invalid parameters: {exc}")
-        return {
-            "images": [base64.b64encode(img).decode() for img in gen.images],
-            "content_type": gen.content_type,
-            "width": gen.width,
-            "height": gen.height,
-            "seed": gen.seed,
-            "timings": gen.timings,
-        }
+        return generation_body(gen)
 
     return app

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from gateway.backends.base import ImageJob, ImageResult
 from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
 from inference.runner import GenerateParams
 from inference.serving import GenerationQueue, NotLoaded, QueueFull
-from inference.variants import VARIANTS
 
 if TYPE_CHECKING:
     from inference.runner import HiDreamRunner
@@ -55,7 +55,7 @@ class LocalBackend:
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
         """Queue the job on the worker thread and wait for it, at most ``timeout`` seconds."""
         try:
-            gen = await self.queue.submit(job_params(job), timeout=timeout)
+            gen = await self.queue.submit(GenerateParams.of(**asdict(job)), timeout=timeout)
         except QueueFull as exc:
             raise BackendBusy("The local backend's queue is full; retry later.", retry_after=exc.retry_after) from exc
         except NotLoaded as exc:
@@ -70,20 +70,3 @@ class LocalBackend:
     async def aclose(self) -> None:
         """Stop accepting jobs; queued ones are dropped, a running one finishes in the background."""
         self.queue.close()
-
-
-def job_params(job: ImageJob) -> GenerateParams:
-    """The runner's parameters for a gateway job."""
-    return GenerateParams(
-        prompt=job.prompt,
-        variant=VARIANTS[job.variant],
-        width=job.width,
-        height=job.height,
-        seed=job.seed,
-        n=job.n,
-        negative_prompt=job.negative_prompt,
-        num_inference_steps=job.num_inference_steps,
-        guidance_scale=job.guidance_scale,
-        output_format=job.output_format,
-        quality=job.quality,
-    )
