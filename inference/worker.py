@@ -10,11 +10,13 @@ Protocol (JSON over HTTP, ``Authorization: Bearer <token>`` when the worker has 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
+from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -63,6 +65,22 @@ def generation_body(gen: Generation) -> dict[str, Any]:
     }
 
 
+async def _unless_disconnected(work: Coroutine[Any, Any, Generation], request: Request) -> Generation:
+    """Await ``work``, cancelling it if the client disconnects first (checked twice a second)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -101,11 +119,14 @@ def create_worker_app(queue: GenerationQueue, *, token: str | None, variants: fr
         }
 
     @app.post("/generate", response_model=None)
-    async def generate(body: WorkerRequest) -> dict[str, Any] | JSONResponse:
+    async def generate(body: WorkerRequest, request: Request) -> dict[str, Any] | JSONResponse:
         if body.variant not in variants:
             return _error(404, f"variant {body.variant!r} is not served by this worker")
         try:
-            gen = await queue.submit(body.params(), timeout=body.timeout_s)
+            gen = await _unless_disconnected(queue.submit(body.params(), timeout=body.timeout_s), request)
+        except asyncio.CancelledError:
+            # The caller hung up (the gateway failed over): its job left the queue if it had not started.
+            return _error(499, "the client went away")
         except QueueFull as exc:
             return _error(503, "busy", {"Retry-After": str(exc.retry_after)})
         except NotLoaded as exc:

@@ -8,8 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -122,3 +124,35 @@ def test_hidream_gateway_worker_command_serves_the_protocol(tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _SlowRunner:
+    """Takes ``seconds`` per generation (a stand-in for a busy GPU)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def generate(self, params: Any) -> Any:
+        time.sleep(self.seconds)
+        raise RuntimeError("only its duration matters here")
+
+
+def test_a_caller_that_hangs_up_leaves_the_queue() -> None:
+    from inference.serving import GenerationQueue
+    from inference.worker import create_worker_app
+
+    queue = GenerationQueue(lambda: _SlowRunner(3.0), queue_size=4)
+    app = create_worker_app(queue, token=None, variants=frozenset({"fast"}))
+    with ServerThread(app) as server:
+        busy = threading.Thread(target=lambda: httpx.post(f"{server.url}/generate", json=JOB, timeout=30))
+        busy.start()
+        while queue.pending < 1:
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):  # the gateway gives up on a queued job
+            httpx.post(f"{server.url}/generate", json=JOB, timeout=0.3)
+        assert queue.pending == 2
+        deadline = time.monotonic() + 2.5
+        while queue.pending > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue.pending == 1  # dropped before it ever reached the GPU; the running one carries on
+        busy.join()
