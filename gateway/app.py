@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -97,6 +98,16 @@ def max_in_flight(backend: Backend, settings: Settings) -> int:
     return settings.provider_max_in_flight
 
 
+async def _reap_forever(images: ImageService, every_seconds: float = 60.0) -> None:
+    """Settle abandoned predictions now and then; a failed pass is logged and retried next time."""
+    while True:
+        try:
+            await images.reap_stale()
+        except Exception:
+            log.exception("reaping abandoned predictions failed")
+        await asyncio.sleep(every_seconds)
+
+
 def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None) -> FastAPI:
     """The gateway app. Pass ``backends`` to use ones built elsewhere (they are then not closed here)."""
 
@@ -136,9 +147,11 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             authenticator=ApiKeyAuthenticator(cache_seconds=settings.auth_cache_seconds),
             rate_limiter=RateLimiter(),
         )
+        reaper = asyncio.create_task(_reap_forever(app.state.hdg.images))
         try:
             yield
         finally:
+            reaper.cancel()
             if owned:
                 for backend in active:
                     await backend.aclose()

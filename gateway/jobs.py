@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -194,6 +195,22 @@ class ImageService:
         prediction.status, prediction.backend, prediction.attempts = "succeeded", served.name, attempts
         prediction.width, prediction.height, prediction.latency_ms = result.width, result.height, latency_ms
         return Completed(prediction, stored, result, served.name, attempts)
+
+    async def reap_stale(self) -> int:
+        """Settle predictions a crashed process left ``processing`` as failed (unbilled); returns how many.
+
+        Nothing runs longer than the request timeout, so anything older is no one's: safe with replicas.
+        """
+        cutoff = utcnow() - timedelta(seconds=self.timeout + 60)
+        async with self.sessions() as session:
+            stale = await repo.stale_predictions(session, before=cutoff)
+        for prediction in stale:
+            await self._settle_failure(
+                prediction, prediction.backend, time.monotonic(), "failed", "abandoned: the gateway stopped", 0
+            )
+        if stale:
+            log.warning("settled %d abandoned predictions as failed", len(stale))
+        return len(stale)
 
     async def _attempt(self, backend: Backend, job: ImageJob, timeout: float) -> ImageResult | GatewayError:
         """One try on one backend: its result, or the error to fail over with (health is updated either way).

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
+
 from gateway.backends.local import LocalBackend
+from gateway.storage import repo
+from gateway.storage.db import open_database, session_factory
+from gateway.storage.models import Prediction, utcnow
 from inference.runner import HiDreamRunner
 from tests.conftest import Gateway, GatewayFactory
 
@@ -126,3 +134,39 @@ def test_nul_bytes_and_malformed_ids_are_client_errors_on_every_database(gateway
     assert gateway.client.get("/files/file_x", params={"expires": 9999999999, "signature": "é"}).status_code == 403
     assert gateway.admin("POST", "/admin/keys/%00/revoke").status_code == 400
     assert gateway.admin("GET", "/admin/usage", params={"tenant_id": "\u0000"}).status_code == 400
+
+
+def test_predictions_abandoned_by_a_crash_are_settled_unbilled_on_restart(
+    make_gateway: GatewayFactory, database_url: str
+) -> None:
+    first = make_gateway(database_url)
+    tenant = first.create_tenant()
+
+    async def leave_one_processing() -> str:
+        async with open_database(database_url) as engine, session_factory(engine).begin() as session:
+            p = await repo.create_prediction(
+                session,
+                tenant_id=tenant["tenant_id"],
+                api_key_id=tenant["key_id"],
+                model="hidream-i1-fast",
+                prompt="x",
+                params={},
+                width=1024,
+                height=1024,
+                n=1,
+                seed=1,
+            )
+            p.created_at = utcnow() - timedelta(hours=1)  # from a process that died an hour ago
+            await session.execute(update(Prediction).where(Prediction.id == p.id).values(created_at=p.created_at))
+            return p.id
+
+    stale_id = asyncio.run(leave_one_processing())
+    second = make_gateway(database_url)  # a restart: its start-up pass settles the abandoned prediction
+    auth = {"Authorization": f"Bearer {tenant['api_key']}"}
+    deadline = time.monotonic() + 10
+    while (body := second.client.get(f"/v1/images/generations/{stale_id}", headers=auth).json())["status"] != "failed":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert "abandoned" in body["error"]
+    [event] = second.client.get("/v1/usage", headers=auth).json()["data"]
+    assert event["prediction_id"] == stale_id and event["status"] == "failed" and event["price_usd"] == "0.000000"

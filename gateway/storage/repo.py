@@ -87,6 +87,17 @@ def _columns(row: Base) -> dict[str, Any]:
     return {c.key: getattr(row, c.key) for c in row.__table__.columns if getattr(row, c.key) is not None}
 
 
+async def stale_predictions(session: AsyncSession, *, before: datetime, limit: int = 100) -> Sequence[Prediction]:
+    """Predictions still ``processing`` that were created before ``before``."""
+    stmt = (
+        select(Prediction)
+        .where(Prediction.status == "processing", Prediction.created_at < before)
+        .order_by(Prediction.created_at)
+        .limit(limit)
+    )
+    return (await session.scalars(stmt)).all()
+
+
 async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
     """A tenant's prediction; another tenant's id reads as missing."""
     stmt = select(Prediction).where(Prediction.id == prediction_id, Prediction.tenant_id == tenant_id)
