@@ -17,7 +17,7 @@ from gateway.auth import Principal
 from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult
 from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
 from gateway.health import HealthBoard
-from gateway.metering import backend_cost_usd, price_usd
+from gateway.metering import backend_cost_usd, check_budget, price_usd
 from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
 from gateway.storage import repo
@@ -137,6 +137,8 @@ class ImageService:
         """Run ``job`` for ``principal``; whatever happens, at most one usage event is billed."""
         candidates = self.candidates(job, route, principal.tenant.allowed_backends)
         async with self.sessions.begin() as session:
+            # One transaction: the budget check and the record of the work it admits.
+            await check_budget(session, tenant=principal.tenant, now=utcnow())
             prediction = await repo.create_prediction(
                 session,
                 tenant_id=principal.tenant.id,

@@ -14,10 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.backends.base import ImageJob
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound
-from gateway.metering import check_budget
 from gateway.routing import Route
 from gateway.storage import repo
-from gateway.storage.models import Prediction, StoredFile, is_id, utcnow
+from gateway.storage.models import Prediction, StoredFile, is_id
 from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
 
 router = APIRouter(tags=["images"])
@@ -147,8 +146,6 @@ async def create_image(
     width, height = parse_size(body.size)
 
     state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
-    async with state.sessions() as session:
-        await check_budget(session, tenant=principal.tenant, now=utcnow())
 
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     job = ImageJob(

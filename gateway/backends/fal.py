@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from gateway.backends.base import ImageJob, ImageResult
-from gateway.backends.remote import best_effort, download, field, gather_all, normalise, send, with_deadline
+from gateway.backends.remote import best_effort, decode, download, field, gather_all, send, with_deadline
 from gateway.errors import BackendFailed
 
 
@@ -66,7 +66,7 @@ class FalBackend:
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
         blobs = await with_deadline(self._run(job), timeout=timeout, backend=self.name)
-        decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
+        decoded = await decode(blobs, job.output_format, job.quality, self.name)
         return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed)
 
     async def _run(self, job: ImageJob) -> list[bytes]:

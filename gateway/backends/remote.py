@@ -132,6 +132,16 @@ def normalise(blobs: list[bytes], output_format: str, quality: int, backend: str
     return Decoded(images, CONTENT_TYPES[output_format], size[0], size[1])
 
 
+INLINE_DECODE_BYTES = 256 << 10
+
+
+async def decode(blobs: list[bytes], output_format: str, quality: int, backend: str) -> Decoded:
+    """``normalise`` off the event loop, except for small images, where a thread hop costs more than decoding."""
+    if sum(len(b) for b in blobs) <= INLINE_DECODE_BYTES:
+        return normalise(blobs, output_format, quality, backend)
+    return await asyncio.to_thread(normalise, blobs, output_format, quality, backend)
+
+
 async def download(client: httpx.AsyncClient, url: str, backend: str) -> bytes:
     """Fetch one output (provider URLs expire, so the gateway keeps its own copy)."""
     try:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from gateway.backends.base import ImageJob, ImageResult
-from gateway.backends.remote import best_effort, download, field, gather_all, normalise, send, with_deadline
+from gateway.backends.remote import best_effort, decode, download, field, gather_all, send, with_deadline
 from gateway.errors import BackendFailed
 
 # Replicate's HiDream models take the resolution as one of these labels (note the "×").
@@ -78,7 +78,7 @@ class ReplicateBackend:
             return await gather_all(*(self._one(job, job.seed + i, timeout) for i in range(job.n)))
 
         blobs = await with_deadline(all_images(), timeout=timeout, backend=self.name)
-        decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
+        decoded = await decode(blobs, job.output_format, job.quality, self.name)
         return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed)
 
     async def _one(self, job: ImageJob, seed: int, timeout: float) -> bytes:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from dataclasses import asdict
 
 import httpx
 
 from gateway.backends.base import ImageJob, ImageResult
-from gateway.backends.remote import field, normalise, send, with_deadline
+from gateway.backends.remote import decode, field, send, with_deadline
 from gateway.errors import BackendFailed
 
 
@@ -80,7 +79,7 @@ class WorkerBackend:
         raw = raw if isinstance(raw, dict) else {}
         # Only finite, non-negative seconds: they become a cost on the tenant's usage event.
         timings = {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and 0 <= v < 86_400}
-        decoded = await asyncio.to_thread(normalise, blobs, job.output_format, job.quality, self.name)
+        decoded = await decode(blobs, job.output_format, job.quality, self.name)
         return ImageResult(decoded.images, decoded.content_type, decoded.width, decoded.height, job.seed, timings)
 
     async def aclose(self) -> None:
