@@ -54,6 +54,12 @@ def _budget(value: str) -> Decimal:
     return amount
 
 
+def _name(value: str) -> str:
+    if not value or "\x00" in value or len(value) > 200:
+        raise argparse.ArgumentTypeError("must be 1 to 200 characters, without NUL")
+    return value
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
@@ -213,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
     create = tenants.add_parser("create", help="create a tenant and its first API key")
-    create.add_argument("name")
+    create.add_argument("name", type=_name)
     create.add_argument("--rpm", type=_positive, default=None, help="requests per minute limit")
     create.add_argument("--monthly-budget-usd", type=_budget, default=None)
     create.set_defaults(func=cmd_tenants_create)

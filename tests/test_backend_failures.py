@@ -133,6 +133,7 @@ def test_nul_bytes_and_malformed_ids_are_client_errors_on_every_database(gateway
     assert gateway.client.get("/files/%00", params={"expires": 9999999999, "signature": "x"}).status_code == 403
     assert gateway.client.get("/files/file_x", params={"expires": 9999999999, "signature": "é"}).status_code == 403
     assert gateway.admin("POST", "/admin/keys/%00/revoke").status_code == 400
+    assert gateway.admin("POST", "/admin/tenants", json={"name": "a\u0000b"}).status_code == 400
     assert gateway.admin("GET", "/admin/usage", params={"tenant_id": "\u0000"}).status_code == 400
 
 

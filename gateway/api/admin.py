@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import SessionDep, StateDep, require_admin
 from gateway.api.images import resolve_route
-from gateway.api.serialize import key_body, tenant_body
+from gateway.api.serialize import Text, key_body, tenant_body
 from gateway.api.usage import Limit, Since, as_utc, usage_list
 from gateway.auth import create_tenant_with_key, issue_key
 from gateway.errors import InvalidRequest, NotFound
@@ -28,7 +28,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200)
     rpm: int | None = Field(default=None, ge=1)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
     route: str | None = Field(default=None, max_length=200)

@@ -9,9 +9,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
+from gateway.api.serialize import Text
 from gateway.backends.base import ImageJob
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound
 from gateway.routing import Route
@@ -32,27 +33,19 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     model: str = DEFAULT_MODEL
     n: int = Field(default=1, ge=1, le=4)
     size: str | None = None
     response_format: Literal["url", "b64_json"] = "url"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(default=None, ge=0, le=100)
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
     stream: bool | None = None
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(default=None, ge=1, le=100)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
-
-    @field_validator("prompt", "negative_prompt", "user")
-    @classmethod
-    def _no_nul(cls, value: str | None) -> str | None:
-        # PostgreSQL cannot store NUL in text, and no prompt needs one.
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
 
 
 def parse_size(size: str | None) -> tuple[int, int]:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from gateway.storage.models import ApiKey, Tenant, UsageEvent
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL cannot store NUL in text, and no client text needs one.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""Client text that will be stored: any string without NUL."""
 
 USAGE_FIELDS = (
     "id",
