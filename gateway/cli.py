@@ -136,7 +136,24 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
-    _serve(settings, args.host, args.port)
+    if args.workers == 1:
+        _serve(settings, args.host, args.port)
+        return
+    if "local" in settings.backends:
+        raise CliError("--workers > 1 would load the local model once per process: serve it with one worker")
+    import uvicorn
+
+    cmd_db_upgrade(settings, args)  # once, before the processes start
+    # Each process builds its own app from the same environment (clients, pools, caches are per process).
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+        proxy_headers=True,
+    )
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -202,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=_positive, default=1, help="processes (remote backends only)")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="create a demo tenant and key, print a curl line, and serve")

@@ -118,6 +118,7 @@ def test_cli_tenants_and_keys(tmp_path: Path, database_url: str) -> None:
         (["keys", "revoke", "key_missing"], "no key"),
         (["tenants", "create", "x", "--rpm", "0"], "positive integer"),
         (["tenants", "create", "x", "--monthly-budget-usd", "lots"], "not a number"),
+        (["serve", "--workers", "2"], "local model once per process"),
     ],
 )
 def test_cli_errors_are_clear(tmp_path: Path, sqlite_url: str, args: list[str], message: str) -> None:
