@@ -24,6 +24,8 @@ from typing import Any
 
 import modal
 
+from inference.variants import VARIANTS  # pure Python: no torch needed where `modal deploy` runs
+
 # --- Configuration, read where `modal deploy` runs -------------------------------------------------------
 VARIANT = os.environ.get("HIDREAM_VARIANT", "fast")
 GPU = os.environ.get("HIDREAM_GPU", "H100")
@@ -35,7 +37,6 @@ MAX_CONTAINERS = int(os.environ.get("HIDREAM_MAX_CONTAINERS", "4"))
 WEIGHTS_DIR = Path(os.environ.get("HIDREAM_WEIGHTS_DIR", "/weights"))  # tests point this at a tiny model
 CACHE_DIR = Path(os.environ.get("HIDREAM_CACHE_DIR", "/cache"))
 LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"
-REPOS = {"full": "HiDream-ai/HiDream-I1-Full", "dev": "HiDream-ai/HiDream-I1-Dev", "fast": "HiDream-ai/HiDream-I1-Fast"}
 
 app = modal.App(f"hidream-{VARIANT}")
 
@@ -78,7 +79,7 @@ def download(variant: str = VARIANT) -> None:
     """Fetch a variant and Llama-3.1-8B-Instruct into the weights Volume. Safe to re-run: it resumes."""
     from huggingface_hub import snapshot_download
 
-    for repo, target in ((REPOS[variant], WEIGHTS_DIR / variant), (LLAMA_REPO, WEIGHTS_DIR / "llama")):
+    for repo, target in ((VARIANTS[variant].repo_id, WEIGHTS_DIR / variant), (LLAMA_REPO, WEIGHTS_DIR / "llama")):
         print(f"downloading {repo} -> {target}")
         # snapshot_download skips files already complete and resumes partial ones; it shows progress bars.
         snapshot_download(repo, local_dir=target, allow_patterns=["*.json", "*.safetensors", "*.txt", "tokenizer*"])
@@ -134,8 +135,7 @@ class HiDream:
             runner.device = "cuda"
         patch_moe(runner.pipe.transformer)
         if COMPILE == "regional" and runner.device == "cuda":
-            from inference.runner import GenerateParams
-            from inference.variants import VARIANTS
+            from inference.runner import GenerateParams, compile_blocks
 
             compile_blocks(runner.pipe.transformer)
             # Compile now, not on a tenant's request, then keep the kernels for the next container.
@@ -157,14 +157,6 @@ class HiDream:
         from inference.worker import create_worker_app
 
         return create_worker_app(self.queue, token=None, variants=frozenset({VARIANT}))
-
-
-def compile_blocks(transformer: Any) -> int:
-    """Regional compilation: each transformer block compiled in place (one graph per block shape)."""
-    blocks = [*transformer.double_stream_blocks, *transformer.single_stream_blocks]
-    for block in blocks:
-        block.compile(dynamic=False)
-    return len(blocks)
 
 
 @app.local_entrypoint()

@@ -29,16 +29,10 @@ from pathlib import Path
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from tests.fakes.server import free_port
 from tests.fakes.worker import instant_worker_app
 
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Client:

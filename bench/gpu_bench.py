@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from inference.loading import read_safetensors
 from inference.moe import patch_moe
+from inference.runner import compile_blocks
 
 RELEASED = {
     "patch_size": 2,
@@ -188,8 +189,7 @@ def main() -> None:
     rows["ours"] = both_batches()
     if not args.no_compile and device.type == "cuda":
         start = time.perf_counter()
-        for block in [*model.double_stream_blocks, *model.single_stream_blocks]:
-            block.compile(dynamic=False)
+        compile_blocks(model)
         rows["ours + regional compile"] = both_batches()
         print(f"(compile and first runs: {time.perf_counter() - start:.0f} s)")
 

@@ -43,10 +43,6 @@ class LoadStats:
     bytes: int
     seconds: float
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
-
 
 def _read_shard(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Every tensor of one safetensors file, on ``device``, as views into one buffer."""

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+
+from tests.fakes.server import free_port
 
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
 
@@ -34,18 +35,11 @@ def _cli(env: dict[str, str], *args: str) -> Any:
     return json.loads(done.stdout) if done.stdout.lstrip().startswith(("{", "[")) else done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def served(tmp_path: Path, database_url: str) -> Iterator[tuple[str, dict[str, str]]]:
     """``hidream-gateway serve`` in a subprocess on the tiny model; yields its URL and environment."""
     env = _env(tmp_path / "data", database_url)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [CLI, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

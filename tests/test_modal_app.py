@@ -81,5 +81,7 @@ def test_web_endpoint_is_the_worker_protocol(modal_app: ModuleType) -> None:
 def test_compile_blocks_covers_every_transformer_block(modal_app: ModuleType, tiny_root: Path) -> None:
     from diffusers import HiDreamImageTransformer2DModel
 
+    from inference.runner import compile_blocks
+
     transformer = HiDreamImageTransformer2DModel.from_pretrained(tiny_root / "pipeline" / "transformer")
-    assert modal_app.compile_blocks(transformer) == 2
+    assert compile_blocks(transformer) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import WORKER_TOKEN, GatewayFactory
-from tests.fakes.server import ServerThread
+from tests.fakes.server import ServerThread, free_port
 
 AUTH = {"Authorization": f"Bearer {WORKER_TOKEN}"}
 JOB = {"variant": "fast", "prompt": "a kite", "width": 1248, "height": 832, "seed": 4, "num_inference_steps": 1}
@@ -97,9 +96,7 @@ def test_wrong_worker_token_opens_nothing_to_the_tenant_but_a_503(
 
 
 def test_hidream_gateway_worker_command_serves_the_protocol(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
         "HDG_DATA_DIR": str(tmp_path),
         "HDG_WORKER_TOKEN": WORKER_TOKEN,

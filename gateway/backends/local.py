@@ -37,11 +37,15 @@ class LocalBackend:
     def __init__(self, loader: Callable[[], HiDreamRunner], *, variants: frozenset[str], queue_size: int = 8) -> None:
         self.variants = variants
         self.queue = GenerationQueue(loader, queue_size=queue_size)
-        self.capacity = self.queue.capacity
 
     def start(self) -> None:
         """Begin loading the model."""
         self.queue.start()
+
+    @property
+    def capacity(self) -> int:
+        """Jobs it takes at once: the running one and the queue."""
+        return self.queue.capacity
 
     @property
     def pending(self) -> int:

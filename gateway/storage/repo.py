@@ -53,10 +53,6 @@ async def add_key(session: AsyncSession, *, tenant_id: str, key_hash: str, displ
     return key
 
 
-async def get_key(session: AsyncSession, *, key_id: str) -> ApiKey | None:
-    return await session.get(ApiKey, key_id)
-
-
 async def list_keys(session: AsyncSession, *, tenant_id: str) -> Sequence[ApiKey]:
     stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
     return (await session.scalars(stmt)).all()

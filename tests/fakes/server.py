@@ -15,6 +15,14 @@ import uvicorn
 from PIL import Image
 
 
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for servers started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 class ServerThread:
     """Runs an ASGI app under uvicorn on a loopback port, in a background thread.
 
