@@ -43,21 +43,16 @@ app = modal.App(f"hidream-{VARIANT}")
 # --- The image: pinned versions, and our inference package --------------------------------------------------
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install(
-        "torch==2.9.1",
-        "diffusers==0.42.1",
-        "transformers==5.24.0",
-        "accelerate==1.15.0",
-        "safetensors==0.8.0",
-        "tokenizers==0.23.3",
-        "huggingface-hub[hf_transfer]==1.1.4",
-        "pillow==13.0.0",
-        "fastapi==0.165.0",
-        "pydantic==2.14.4",
+    # Every package pinned with its hashes: infra/modal/requirements.txt is compiled from requirements.in for
+    # this Python and platform (see infra/modal/README.md). Absolute, since `modal deploy` may run elsewhere.
+    .uv_pip_install(
+        requirements=[str(Path(__file__).parent / "infra" / "modal" / "requirements.txt")],
+        extra_options="--require-hashes",  # a package missing from the lock, or a changed file, fails the build
+        uv_version="0.13.9",  # the uv that compiled the lock, not whatever `latest` is on build day
     )
     .env(
         {
-            "HF_HUB_ENABLE_HF_TRANSFER": "1",  # parallel downloads from the hub
+            "HF_XET_HIGH_PERFORMANCE": "1",  # hf-xet, the hub's download backend: more parallel transfers
             "TORCHINDUCTOR_CACHE_DIR": str(CACHE_DIR / "inductor"),  # compiled kernels survive containers
             "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
         }
