@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -170,21 +174,21 @@ class HiDreamRunner:
                 for i in range(params.n)
             ]
             start = time.perf_counter()
-            # The flash (LCM) scheduler draws fresh noise every step from torch's global RNG (the pipeline
-            # passes it no generator), so seed that too, inside a fork that leaves the process RNG as it was.
             cuda = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
-            with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+            # fork_rng: nothing here may move the process's global RNG, and nothing may depend on it.
+            with _per_image_step_noise(self.pipe.scheduler, generators), torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(params.seed)
-                out = self.pipe(
-                    prompt=[params.prompt] * params.n,
-                    negative_prompt=[params.negative_prompt or ""] * params.n if params.guidance > 1.0 else None,
-                    width=params.width,
-                    height=params.height,
-                    num_inference_steps=params.steps,
-                    guidance_scale=params.guidance,
-                    generator=generators,
-                    output_type="pil",
-                )
+                with torch.inference_mode():
+                    out = self.pipe(
+                        prompt=[params.prompt] * params.n,
+                        negative_prompt=[params.negative_prompt or ""] * params.n if params.guidance > 1.0 else None,
+                        width=params.width,
+                        height=params.height,
+                        num_inference_steps=params.steps,
+                        guidance_scale=params.guidance,
+                        generator=generators,
+                        output_type="pil",
+                    )
             infer_s = time.perf_counter() - start
         start = time.perf_counter()
         encoded = [encode_image(img, params.output_format, params.quality) for img in out.images]
@@ -197,6 +201,24 @@ class HiDreamRunner:
             seed=params.seed,
             timings={"inference_s": infer_s, "encode_s": time.perf_counter() - start},
         )
+
+
+@contextmanager
+def _per_image_step_noise(scheduler: Any, generators: list[Any]) -> Iterator[None]:
+    """Schedulers that draw noise in ``step`` (the flash flow-match one does, every step) draw image i's
+    noise from generator i, so image i depends on ``seed + i`` alone, whatever ``n`` is.
+
+    The pipeline calls ``scheduler.step`` without a generator; left alone, the scheduler draws the whole
+    batch's noise from torch's global RNG, and image 1 of (seed 5, n=2) differs from image 0 of (seed 6, n=1).
+    """
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        yield  # deterministic given the initial latents (flow UniPC)
+        return
+    scheduler.step = functools.partial(scheduler.step, generator=generators)
+    try:
+        yield
+    finally:
+        del scheduler.step  # back to the class's method
 
 
 def compile_blocks(transformer: Any) -> int:
