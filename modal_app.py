@@ -10,32 +10,86 @@ Then point the gateway at it: ``HDG_BACKENDS=worker,...``, ``HDG_WORKER_URLS=<th
 deploy>``, ``HDG_MODAL_KEY``/``HDG_MODAL_SECRET`` from a Modal proxy auth token.
 Try it from a laptop: ``modal run modal_app.py --prompt "a lighthouse at dusk"`` writes ``hidream.png``.
 
-Cold starts: weights live in a Volume (no download at boot), the pipeline is loaded once per container in
-``@modal.enter(snap=True)`` and captured by a memory snapshot (CPU memory, and GPU memory where
-HIDREAM_GPU_SNAPSHOT=1), so restored containers skip loading; compiled kernels are cached in a second
-Volume so a new container does not recompile from scratch.
+Deploy-time settings (``HIDREAM_*``, see ``Deployment``) are written into the image's environment, because
+Modal imports this file again inside each container, where the deploying shell's variables are not set.
+
+Cold starts: weights live in a Volume (no download at boot); the pipeline is loaded once, in
+``@modal.enter(snap=True)``, and captured by a memory snapshot (CPU memory by default: loaded without touching
+CUDA, moved to the GPU after restore; with HIDREAM_GPU_SNAPSHOT=1 the GPU memory too, compiled and warmed
+before the snapshot), so restored containers skip loading; compiled kernels are cached in a second Volume so a
+new container loads them instead of compiling. README.md has the phases and what each costs.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import modal
 
-from inference.variants import VARIANTS  # pure Python: no torch needed where `modal deploy` runs
+from inference.capacity import JOBS_PER_GPU, MODAL_MAX_CONTAINERS, QUEUED_PER_GPU  # pure Python, as is:
+from inference.variants import VARIANTS  # no torch needed where `modal deploy` runs
 
-# --- Configuration, read where `modal deploy` runs -------------------------------------------------------
-VARIANT = os.environ.get("HIDREAM_VARIANT", "fast")
-GPU = os.environ.get("HIDREAM_GPU", "H100")
-GPU_SNAPSHOT = os.environ.get("HIDREAM_GPU_SNAPSHOT", "0") == "1"  # alpha on Modal: opt in
-COMPILE = os.environ.get("HIDREAM_COMPILE", "regional")  # "regional" or "none"
-SCALEDOWN_WINDOW = int(os.environ.get("HIDREAM_SCALEDOWN_WINDOW", "300"))  # idle seconds before scaling to zero
-MIN_CONTAINERS = int(os.environ.get("HIDREAM_MIN_CONTAINERS", "0"))
-MAX_CONTAINERS = int(os.environ.get("HIDREAM_MAX_CONTAINERS", "4"))
-WEIGHTS_DIR = Path(os.environ.get("HIDREAM_WEIGHTS_DIR", "/weights"))  # tests point this at a tiny model
-CACHE_DIR = Path(os.environ.get("HIDREAM_CACHE_DIR", "/cache"))
+
+# --- Deployment settings ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Deployment:
+    """What ``modal deploy`` was told, as ``HIDREAM_*`` variables (``HIDREAM_VARIANT=full``, ...).
+
+    Modal imports this file twice: where ``modal deploy`` runs, and again inside every container, where the
+    deploying shell's environment is not set. So the values are read once at deploy time and written into the
+    image's environment (below); the container reads the same values back from there.
+    """
+
+    variant: str = "fast"
+    gpu: str = "H100"
+    gpu_snapshot: bool = False  # GPU memory snapshots are alpha on Modal: opt in
+    compile: str = "regional"  # or "none"
+    scaledown_window: int = 300  # idle seconds before scaling to zero
+    min_containers: int = 0  # >0 keeps warm GPUs (and bills for them)
+    max_containers: int = MODAL_MAX_CONTAINERS  # caps spend under a burst; the gateway fails over past it
+    weights_dir: str = "/weights"  # tests point these two at local directories
+    cache_dir: str = "/cache"
+
+    @classmethod
+    def from_env(cls, env: os._Environ[str] | dict[str, str]) -> Deployment:
+        """Read ``HIDREAM_<FIELD>`` for each field; refuse bad values with a message that names the variable."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f"HIDREAM_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None:
+                continue
+            if f.type == "bool":
+                if raw not in ("0", "1"):
+                    raise ValueError(f"{name} must be 0 or 1, not {raw!r}")
+                values[f.name] = raw == "1"
+            elif f.type == "int":
+                if not raw.isdigit():
+                    raise ValueError(f"{name} must be a whole number, not {raw!r}")
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        deployment = cls(**values)
+        if deployment.variant not in VARIANTS:
+            raise ValueError(f"HIDREAM_VARIANT must be one of {sorted(VARIANTS)}, not {deployment.variant!r}")
+        if deployment.compile not in ("regional", "none"):
+            raise ValueError(f"HIDREAM_COMPILE must be regional or none, not {deployment.compile!r}")
+        if not 0 <= deployment.min_containers <= deployment.max_containers or deployment.max_containers < 1:
+            raise ValueError("need 0 <= HIDREAM_MIN_CONTAINERS <= HIDREAM_MAX_CONTAINERS and at least 1 container")
+        return deployment
+
+    def env(self) -> dict[str, str]:
+        """The ``HIDREAM_*`` variables that give back this deployment (for the image's environment)."""
+        as_text = {bool: lambda v: "1" if v else "0"}
+        return {f"HIDREAM_{k.upper()}": as_text.get(type(v), str)(v) for k, v in asdict(self).items()}
+
+
+DEPLOY = Deployment.from_env(os.environ)
+VARIANT = DEPLOY.variant
+WEIGHTS_DIR, CACHE_DIR = Path(DEPLOY.weights_dir), Path(DEPLOY.cache_dir)
 LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 
 app = modal.App(f"hidream-{VARIANT}")
@@ -55,6 +109,7 @@ image = (
             "HF_XET_HIGH_PERFORMANCE": "1",  # hf-xet, the hub's download backend: more parallel transfers
             "TORCHINDUCTOR_CACHE_DIR": str(CACHE_DIR / "inductor"),  # compiled kernels survive containers
             "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+            **DEPLOY.env(),  # the deploy-time settings, for the container's import of this file
         }
     )
     .add_local_python_source("inference")
@@ -64,9 +119,6 @@ image = (
 weights = modal.Volume.from_name("hidream-weights", create_if_missing=True)
 compile_cache = modal.Volume.from_name("hidream-compile-cache", create_if_missing=True)
 VOLUMES: dict[str | os.PathLike[str], modal.Volume] = {str(WEIGHTS_DIR): weights, str(CACHE_DIR): compile_cache}
-
-with image.imports():  # heavy imports happen in the container, not where `modal deploy` runs
-    import torch
 
 
 @app.function(image=image, volumes=VOLUMES, secrets=[modal.Secret.from_name("huggingface")], timeout=4 * 3600)
@@ -84,67 +136,80 @@ def download(variant: str = VARIANT) -> None:
 
 # The GPU class's options, named so the offline tests can check them.
 CLS_OPTIONS: dict[str, Any] = {
-    "gpu": GPU,
+    "gpu": DEPLOY.gpu,
     "timeout": 600,
-    "scaledown_window": SCALEDOWN_WINDOW,  # stay warm this long after the last request
-    "min_containers": MIN_CONTAINERS,  # >0 keeps warm GPUs (and bills for them)
-    "max_containers": MAX_CONTAINERS,  # caps spend under a burst; the gateway fails over past it
+    "scaledown_window": DEPLOY.scaledown_window,  # stay warm this long after the last request
+    "min_containers": DEPLOY.min_containers,
+    "max_containers": DEPLOY.max_containers,
     "enable_memory_snapshot": True,
-    "experimental_options": {"enable_gpu_snapshot": True} if GPU_SNAPSHOT else {},
+    "experimental_options": {"enable_gpu_snapshot": True} if DEPLOY.gpu_snapshot else {},
 }
+# One generation at a time per GPU, and one waiting behind it so the GPU never idles between jobs: Modal aims
+# for one input per container and scales out past that (target_inputs), and lets a container take a second
+# while a new one starts (max_inputs). The gateway's HDG_WORKER_MAX_IN_FLIGHT default is
+# max_containers x JOBS_PER_GPU, from the same numbers (inference/capacity.py).
+CONCURRENCY: dict[str, int] = {"max_inputs": JOBS_PER_GPU, "target_inputs": 1}
 
 
 @app.cls(image=image, volumes=VOLUMES, **CLS_OPTIONS)
-@modal.concurrent(max_inputs=8)  # requests queue in the worker's own bounded queue, one generation at a time
+@modal.concurrent(**CONCURRENCY)
 class HiDream:
-    """One GPU, one loaded pipeline, serving the worker protocol and a Modal method."""
+    """One GPU, one loaded pipeline, serving the worker protocol and a Modal method through one queue."""
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        """Load once; the memory snapshot captures the result. Without GPU snapshots, load to CPU memory."""
-        from inference.runner import HiDreamRunner
+        """Load once; the memory snapshot captures the result.
 
-        # Without GPU snapshots there is no GPU while the snapshot is taken: load to CPU memory, and move to
-        # the GPU after restore (still far faster than reading 60 GB from disk).
-        device = "cuda" if GPU_SNAPSHOT and torch.cuda.is_available() else "cpu"
-        model_dir = WEIGHTS_DIR / VARIANT
+        With CPU memory snapshots no GPU is attached yet: load to CPU memory and touch nothing of CUDA (torch
+        would remember "no GPU" in every restored container). With GPU snapshots, load to the GPU and bring
+        everything up here, so a restored container skips the compile too.
+        """
+        from inference import startup
+
         llama = WEIGHTS_DIR / "llama"
-        dtype = torch.bfloat16
-        self.runner = HiDreamRunner.load(
-            model_dir,
-            llama_path=llama if llama.exists() else None,
-            device=device,
-            dtype=dtype,
-            fast_moe=False,  # patched after the move: the restacked experts must live on their final device
+        self.times = startup.StartupTimes()
+        self.runner = startup.load(
+            WEIGHTS_DIR / VARIANT,
+            llama_dir=llama if llama.exists() else None,
+            device="cuda" if DEPLOY.gpu_snapshot else "cpu",
+            times=self.times,
         )
+        if DEPLOY.gpu_snapshot:
+            self._bring_up()
 
     @modal.enter(snap=False)
     def start(self) -> None:
-        """After restore: move to the GPU, switch on the fast paths, warm up, and start the queue."""
-        from inference.moe import patch_moe
+        """After restore: move to the GPU, switch on the fast paths, warm up (unless the snapshot has it all),
+        and start the queue."""
         from inference.serving import GenerationQueue
 
+        if not DEPLOY.gpu_snapshot:
+            self._bring_up()
         runner = self.runner
-        if torch.cuda.is_available() and runner.device != "cuda":
-            runner.pipe.to("cuda")
-            runner.device = "cuda"
-        patch_moe(runner.pipe.transformer)
-        if COMPILE == "regional" and runner.device == "cuda":
-            from inference.runner import GenerateParams, compile_blocks
-
-            compile_blocks(runner.pipe.transformer)
-            # Compile now, not on a tenant's request, then keep the kernels for the next container.
-            runner.generate(GenerateParams("warm-up", VARIANTS[VARIANT], 1024, 1024, seed=0, num_inference_steps=2))
-            compile_cache.commit()
-        self.queue = GenerationQueue(lambda: runner, queue_size=8)
+        self.queue = GenerationQueue(lambda: runner, queue_size=QUEUED_PER_GPU)
         self.queue.start()
 
+    def _bring_up(self) -> None:
+        from inference import startup
+
+        startup.bring_up(
+            self.runner,
+            VARIANTS[VARIANT],
+            compile_mode="regional" if DEPLOY.compile == "regional" else "none",
+            require_gpu=not modal.is_local(),  # `.local()` runs on a laptop or CI without one
+            times=self.times,
+        )
+        print(f"start-up phases: {self.times.summary()}")
+        if DEPLOY.compile == "regional" and not modal.is_local():
+            compile_cache.commit()  # kernels compiled by this container serve the next one
+
     @modal.method()
-    def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        """The worker protocol's ``POST /generate``, for callers that use the Modal SDK."""
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The worker protocol's ``POST /generate``, for callers that use the Modal SDK; same queue as the web."""
         from inference.worker import WorkerRequest, generation_body
 
-        return generation_body(self.runner.generate(WorkerRequest.model_validate(job).params()))
+        request = WorkerRequest.model_validate(job)
+        return generation_body(await self.queue.submit(request.params(), timeout=request.timeout_s))
 
     @modal.asgi_app(requires_proxy_auth=True)
     def web(self) -> Any:

@@ -17,6 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from inference.capacity import worker_max_in_flight
+
 KNOWN_BACKENDS = ("local", "worker", "replicate", "fal")
 
 # Tenant price per megapixel of output, per model (USD). Roughly the public list prices of hosted HiDream.
@@ -103,7 +105,8 @@ class Settings(BaseSettings):
     worker_urls: Annotated[list[str], NoDecode] = []
     worker_token: SecretStr | None = None
     worker_variants: Annotated[list[str], NoDecode] = ["full", "dev", "fast"]
-    worker_max_in_flight: int = Field(default=16, ge=1)
+    # A Modal deployment at its default ceiling: containers x (one running + one waiting); inference/capacity.py.
+    worker_max_in_flight: int = Field(default_factory=worker_max_in_flight, ge=1)
     worker_gpu_usd_per_second: Decimal = Decimal("0.001097")  # an H100 on Modal, $3.95 an hour
     modal_key: SecretStr | None = None
     modal_secret: SecretStr | None = None

@@ -68,13 +68,18 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def pick_device() -> tuple[str, Any]:
-    """The best local device and the dtype to run on it (bf16 on GPUs, fp32 on the CPU)."""
+def pick_device() -> str:
+    """The best local device: CUDA if present, else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> Any:
+    """bf16 on GPUs (HiDream's released dtype), fp32 on the CPU (whose bf16 matmuls are slow)."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def encode_image(image: Any, fmt: OutputFormat, quality: int) -> bytes:
@@ -131,8 +136,10 @@ class HiDreamRunner:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         start = time.perf_counter()
-        auto_device, auto_dtype = pick_device()
-        device, dtype = device or auto_device, dtype or auto_dtype
+        # Ask CUDA only when the caller did not say: a process that loads before a CPU memory snapshot must
+        # not touch CUDA at all (torch would remember "no GPU" in every restored container).
+        device = device or pick_device()
+        dtype = dtype or default_dtype(device)
         extra: dict[str, Any] = {}
         if llama_path is not None:
             extra["tokenizer_4"] = AutoTokenizer.from_pretrained(llama_path)
@@ -161,6 +168,12 @@ class HiDreamRunner:
             patch_moe(pipe.transformer)  # after .to(): it restacks the experts' weights where they live
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, load_seconds=time.perf_counter() - start)
+
+    def to(self, device: str) -> None:
+        """Move the whole pipeline to ``device`` (after a CPU memory snapshot is restored, for example)."""
+        with self._lock:
+            self.pipe.to(device)
+            self.device = device
 
     def generate(self, params: GenerateParams) -> Generation:
         """Run the pipeline and return encoded images; the same params and seed give the same pixels."""
@@ -221,12 +234,35 @@ def _per_image_step_noise(scheduler: Any, generators: list[Any]) -> Iterator[Non
         del scheduler.step  # back to the class's method
 
 
-def compile_blocks(transformer: Any) -> int:
-    """Regional compilation: each transformer block compiled in place (one graph per block shape)."""
+def compile_blocks(transformer: Any, *, backend: str = "inductor") -> int:
+    """Regional compilation: each transformer block compiled in place; returns how many.
+
+    Every block of a kind shares one compiled graph per shape class. Images are always padded to the
+    transformer's ``max_seq`` tokens and prompts to fixed lengths, so only two things vary between requests:
+    the batch (n images, doubled by guidance) and whether a padding mask is passed (non-square sizes).
+    ``dynamic=None`` lets dynamo specialise batch 1 and make the batch symbolic the first time it changes,
+    so ``warm_up``'s four runs compile everything a tenant can ask for.
+    """
     blocks = [*transformer.double_stream_blocks, *transformer.single_stream_blocks]
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile(backend=backend, dynamic=None)
     return len(blocks)
+
+
+# (width, height, n) at guidance 0: batch 1 and batch 2, square (no mask) and non-square (masked). Every other
+# request (other sizes, n up to 4, guidance doubling the batch) reuses one of these graphs.
+WARM_UP_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1), (1024, 1024, 2), (1248, 832, 1), (1248, 832, 2))
+
+
+def warm_up(runner: HiDreamRunner, variant: Variant) -> float:
+    """Run each shape class once, so compiles (or compile-cache loads) happen now and not on a tenant's
+    request; returns the seconds it took."""
+    start = time.perf_counter()
+    for width, height, n in WARM_UP_SHAPES:
+        runner.generate(
+            GenerateParams("warm-up", variant, width, height, seed=0, n=n, num_inference_steps=1, guidance_scale=0.0)
+        )
+    return time.perf_counter() - start
 
 
 def _make_scheduler(variant: Variant) -> Any:
