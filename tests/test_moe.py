@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from diffusers import HiDreamImageTransformer2DModel
 from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
 
+from inference.loading import load_model
 from inference.moe import patch_moe
 
 
@@ -51,12 +54,21 @@ def test_patching_keeps_memory_and_state_dict() -> None:
     assert expert.w1.weight.untyped_storage().data_ptr() == layer._grouped.w13.untyped_storage().data_ptr()
 
 
-def test_whole_tiny_transformer_matches_stock(tiny_root: Path) -> None:
-    stock = HiDreamImageTransformer2DModel.from_pretrained(tiny_root / "pipeline" / "transformer").eval()
-    ours = copy.deepcopy(stock)
-    assert patch_moe(ours) == 2  # one double-stream and one single-stream block
+def test_stacking_by_copy_frees_the_old_expert_weights() -> None:
+    layer, x = _layer(64, 8, torch.float32)
+    with torch.no_grad():
+        expected = layer(x)
+    old = [weakref.ref(w) for e in layer.experts for w in (e.w1.weight, e.w2.weight, e.w3.weight)]
+    patch_moe(layer)
+    gc.collect()
+    assert all(ref() is None for ref in old)  # one copy of the experts, not two
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _inputs() -> dict[str, object]:
     torch.manual_seed(1)
-    inputs = {
+    return {
         "hidden_states": torch.randn(2, 16, 64, 64),
         "timesteps": torch.tensor([500.0, 500.0]),
         "encoder_hidden_states_t5": torch.randn(2, 16, 32),
@@ -64,8 +76,29 @@ def test_whole_tiny_transformer_matches_stock(tiny_root: Path) -> None:
         "pooled_embeds": torch.randn(2, 64),
         "return_dict": False,
     }
+
+
+def test_loaded_experts_moved_apart_are_stacked_by_copy(tiny_root: Path) -> None:
+    """After ``.to()`` every weight has its own storage: the loader's layout is gone and patch_moe copies."""
+    directory = tiny_root / "pipeline" / "transformer"
+    ours, _ = load_model(HiDreamImageTransformer2DModel, directory, device="cpu", dtype=torch.bfloat16)
+    ours = ours.to(torch.float32)
+    layer = ours.double_stream_blocks[0].block.ff_i
+    w1, w3 = layer.experts[1].w1.weight, layer.experts[1].w3.weight.clone()
+    assert w1.untyped_storage().data_ptr() != layer.experts[1].w3.weight.untyped_storage().data_ptr()
+    patch_moe(ours)
+    assert torch.equal(layer._grouped.w13[1, layer._grouped.hidden :], w3)
+    stock = HiDreamImageTransformer2DModel.from_pretrained(directory).eval().to(torch.bfloat16).to(torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs)[0], stock(**inputs)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(**_inputs())[0], stock(**_inputs())[0], rtol=1e-4, atol=1e-4)
+
+
+def test_whole_tiny_transformer_matches_stock(tiny_root: Path) -> None:
+    stock = HiDreamImageTransformer2DModel.from_pretrained(tiny_root / "pipeline" / "transformer").eval()
+    ours = copy.deepcopy(stock)
+    assert patch_moe(ours) == 2  # one double-stream and one single-stream block
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**_inputs())[0], stock(**_inputs())[0], rtol=1e-4, atol=1e-4)
 
 
 def test_moe_layer_traces_as_one_graph_where_stock_cannot() -> None:
