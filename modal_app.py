@@ -137,7 +137,9 @@ def download(variant: str = VARIANT) -> None:
 # The GPU class's options, named so the offline tests can check them.
 CLS_OPTIONS: dict[str, Any] = {
     "gpu": DEPLOY.gpu,
-    "timeout": 600,
+    "timeout": 600,  # one request
+    # Enter hooks: with GPU snapshots the first container loads ~63 GB, compiles and warms up before its snapshot.
+    "startup_timeout": 1800,
     "scaledown_window": DEPLOY.scaledown_window,  # stay warm this long after the last request
     "min_containers": DEPLOY.min_containers,
     "max_containers": DEPLOY.max_containers,
@@ -201,15 +203,29 @@ class HiDream:
         )
         print(f"start-up phases: {self.times.summary()}")
         if DEPLOY.compile == "regional" and not modal.is_local():
-            compile_cache.commit()  # kernels compiled by this container serve the next one
+            try:
+                compile_cache.commit()  # kernels compiled by this container serve the next one
+            except Exception as exc:  # a cache that failed to persist costs the next container time, not this one
+                print(f"compile cache not committed: {exc!r}")
 
     @modal.method()
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        """The worker protocol's ``POST /generate``, for callers that use the Modal SDK; same queue as the web."""
+        """The worker protocol's ``POST /generate``, for callers that use the Modal SDK; same queue as the web.
+
+        Errors are built-in exceptions (``ValueError`` for a bad job, ``RuntimeError`` when busy), so a caller
+        without this package can still unpickle them.
+        """
+        from inference.serving import NotLoaded, QueueFull
         from inference.worker import WorkerRequest, generation_body
 
         request = WorkerRequest.model_validate(job)
-        return generation_body(await self.queue.submit(request.params(), timeout=request.timeout_s))
+        if request.variant != VARIANT:  # these weights would run another variant's presets and mislabel it
+            raise ValueError(f"this deployment serves {VARIANT!r}, not {request.variant!r}")
+        try:
+            generation = await self.queue.submit(request.params(), timeout=request.timeout_s)
+        except (QueueFull, NotLoaded) as exc:
+            raise RuntimeError(f"busy: {exc}") from None
+        return generation_body(generation)
 
     @modal.asgi_app(requires_proxy_auth=True)
     def web(self) -> Any:

@@ -98,8 +98,11 @@ class GroupedExperts:
         flat_idx = topk_idx.reshape(-1)
         order = flat_idx.argsort(stable=True)
         token_of = order // k
-        # Group sizes stay on the device: nothing here waits for the GPU.
-        offsets = torch.bincount(flat_idx, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        # Group sizes stay on the device: nothing here waits for the GPU. (Not bincount: on CUDA it reads the
+        # indices' min and max back to the host, and its data-dependent size breaks the compiled graph.)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        offsets = counts.cumsum(0).to(torch.int32)
         xs = x[token_of]
         w13, w2 = self.w13.to(x.dtype).transpose(-2, -1), self.w2.to(x.dtype).transpose(-2, -1)
         if _grouped_mm_works(xs, w13, w2):

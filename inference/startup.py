@@ -10,8 +10,11 @@ Both halves time their phases, so a cold start can be read phase by phase in the
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,6 +44,53 @@ class StartupTimes:
         return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
 
 
+# Library caches of "is there a GPU" taken while the answer was hidden; cleared once CUDA may be asked.
+_DEVICE_CACHES = (
+    ("diffusers.utils.torch_utils", "TorchDeviceBackend._detect_device_type"),
+    ("transformers.utils.import_utils", "is_torch_cuda_available"),
+)
+
+
+@contextlib.contextmanager
+def cuda_unasked() -> Iterator[None]:
+    """Answer "no GPU" to every CUDA query in this block without asking the driver.
+
+    Libraries ask on import (diffusers picks a module-level default device through ``torch.accelerator``,
+    which calls ``torch.cuda.is_available``), and the driver's device count is cached by c10 for the life of the
+    process: asked before a CPU memory snapshot, with no GPU attached, it stays 0 in every restored container.
+    The answers given here are not cached by torch, and the libraries' caches of them are cleared on the way out.
+    """
+    import torch
+
+    saved = {name: getattr(torch.cuda, name) for name in ("is_available", "device_count")}
+    driver_count = getattr(torch._C, "_cuda_getDeviceCount", None)  # absent from CPU builds
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+    if driver_count is not None:
+        torch._C._cuda_getDeviceCount = lambda: 0
+    try:
+        yield
+    finally:
+        for name, real in saved.items():
+            setattr(torch.cuda, name, real)
+        if driver_count is not None:
+            torch._C._cuda_getDeviceCount = driver_count
+        for module, path in _DEVICE_CACHES:
+            _clear_cache(module, path)
+
+
+def _clear_cache(module: str, path: str) -> None:
+    """``cache_clear()`` the lru_cache at ``module.path``, if that library is loaded and has it."""
+    import sys
+
+    target: object = sys.modules.get(module)
+    for part in path.split("."):
+        target = getattr(target, part, None)
+    clear = getattr(target, "cache_clear", None)
+    if callable(clear):
+        clear()
+
+
 def load(
     model_dir: Path,
     *,
@@ -49,7 +99,8 @@ def load(
     dtype: object = None,
     times: StartupTimes | None = None,
 ) -> HiDreamRunner:
-    """The pipeline on ``device`` ("cpu" before a CPU memory snapshot), device-side MoE not yet switched on.
+    """The pipeline on ``device`` ("cpu" before a CPU memory snapshot, with CUDA never asked), device-side MoE
+    not yet switched on.
 
     The MoE restack waits for ``bring_up``: its stacked weights must be made where they will live, and
     moving a module copies every parameter on its own, which would separate the views from their stack.
@@ -57,13 +108,17 @@ def load(
     import torch
 
     start = time.perf_counter()
-    runner = HiDreamRunner.load(
-        model_dir,
-        llama_path=llama_dir,
-        device=device,
-        dtype=dtype or torch.bfloat16,  # the released dtype, on the CPU too: the snapshot holds what the GPU gets
-        fast_moe=False,
-    )
+    hidden = device == "cpu"  # loading for a CPU snapshot (or on a CPU host): CUDA must not be asked
+    with cuda_unasked() if hidden else contextlib.nullcontext():
+        for module in ("diffusers", "transformers"):  # what imports here is in the snapshot, not paid again
+            importlib.import_module(module)
+        runner = HiDreamRunner.load(
+            model_dir,
+            llama_path=llama_dir,
+            device=device,
+            dtype=dtype or torch.bfloat16,  # the released dtype, on the CPU too: the snapshot holds what the GPU gets
+            fast_moe=False,
+        )
     if times is not None:
         times.record("load", start)
     return runner

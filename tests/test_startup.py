@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.exc
+from torch._dynamo.utils import counters
 
 from inference import startup
 from inference.runner import GenerateParams, HiDreamRunner, compile_blocks, warm_up
@@ -28,8 +29,9 @@ def compiled_runner(tiny_root: Path) -> Iterator[HiDreamRunner]:
     """
     runner = startup.load(tiny_root / "pipeline", llama_dir=tiny_root / "llama", device="cpu", dtype=torch.float32)
     startup.bring_up(runner, VARIANTS["fast"], compile_mode="none", require_gpu=False)
-    compile_blocks(runner.pipe.transformer, backend="eager")
     torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(runner.pipe.transformer, backend="eager")
     try:
         yield runner
     finally:
@@ -39,6 +41,9 @@ def compiled_runner(tiny_root: Path) -> Iterator[HiDreamRunner]:
 
 def test_warm_up_leaves_nothing_to_compile_for_tenants(compiled_runner: HiDreamRunner) -> None:
     warm_up(compiled_runner, VARIANTS["fast"])
+    # Each block is one whole graph: no graph breaks (a break runs eagerly between graphs, and on a GPU the
+    # MoE's bincount used to read back to the host there), one graph per block kind and shape class.
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.config.error_on_recompile = True  # from here on, any compile raises
     # Other resolutions, n up to 4, guidance doubling the batch (to 8), and the other variants' schedulers.
     for width, height, n, guidance, variant in (
