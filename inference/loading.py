@@ -6,10 +6,10 @@ tensor's bytes go once to their final place: the routed experts of every MoE lay
 ``w13 (experts, 2 x hidden, dim)`` and ``w2 (experts, dim, hidden)``, the layout inference/moe.py adopts
 without a copy; every other tensor of a shard into one buffer of its own holding only those. The weights are
 therefore held once, during the load and after it, however the model is later patched. On the CPU the bytes
-are read straight into place; on CUDA a shard is read whole into pinned memory and each tensor is copied to
-its place on the device with a non-blocking copy. Floating-point tensors stored in another dtype than the one
-asked for are converted one at a time as they land, the experts into their stacks all the same, so a
-converting load also holds the weights once and patch_moe still adopts the stacks.
+are read straight into place; on CUDA they pass through two small pinned staging buffers per thread, each
+piece copied to its place on the device while the next is read. Floating-point tensors stored in another
+dtype than the one asked for are converted one at a time as they land, the experts into their stacks all the
+same, so a converting load also holds the weights once and patch_moe still adopts the stacks.
 
 Which files: the index's ``weight_map`` when there is an index (exactly the files it names, each tensor from
 the file it names), else the one standard weights file. Leftovers and variants (``*.fp16.safetensors``) are
@@ -132,6 +132,9 @@ def read_header(path: Path, names: set[str] | None = None) -> Shard:
         for name, info in header.items()
         if names is None or name in names
     ]
+    for e in entries:  # a corrupt header must not make one tensor read another's bytes
+        if not 0 <= e.start <= e.end or e.end - e.start != _nbytes(e, e.dtype):
+            raise ValueError(f"{path}: {e.name} has offsets {e.start}..{e.end} for {e.shape} {e.dtype}")
     return Shard(path, 8 + header_len, sorted(entries, key=lambda e: e.start))
 
 
@@ -194,18 +197,47 @@ def _read_cpu(fh: FileIO, data_start: int, e: Entry, out: torch.Tensor) -> None:
 
 
 def _read_staged(
-    fh: FileIO, data_start: int, entries: list[Entry], dest: Mapping[str, torch.Tensor], *, pin: bool
+    fh: FileIO,
+    data_start: int,
+    entries: list[Entry],
+    dest: Mapping[str, torch.Tensor],
+    *,
+    pin: bool,
+    stage_bytes: int = CHUNK,
 ) -> None:
-    # One large read into pinned memory, then an asynchronous copy per tensor (the pinned block is kept until
-    # its copies finish by PyTorch's host allocator). Starting at an aligned offset keeps the file's alignment.
-    lo, hi = entries[0].start // ALIGN * ALIGN, entries[-1].end
-    staging = torch.empty(hi - lo, dtype=torch.uint8, pin_memory=pin)
-    _read_into(fh, data_start + lo, _bytes_of(staging))
+    """Read tensors into device memory through two reusable (pinned, on CUDA) staging buffers.
+
+    A piece is read into one buffer while the previous piece's copy to the device runs from the other; a buffer
+    is refilled only once its copy has finished. Host memory held: two buffers per thread, whatever the shard's
+    size (pinning a whole shard would pin, and PyTorch's host allocator would keep, several GB per thread).
+    """
+    buffers = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+    copied: list[Any] = [None, None]  # the CUDA event after each buffer's last copy
+    turn = 0
     for e in entries:
-        raw = staging[e.start - lo : e.end - lo]
-        if (e.start - lo) % e.dtype.itemsize:  # a view needs its offset aligned to the element size
-            raw = raw.clone()
-        dest[e.name].copy_(raw.view(e.dtype).reshape(e.shape), non_blocking=True)
+        out, size = dest[e.name], e.end - e.start
+        if size == 0:
+            continue
+        if out.dtype != e.dtype:  # converted as it lands: the transient is this one tensor, in pageable memory
+            raw = torch.empty(size, dtype=torch.uint8)
+            _read_into(fh, data_start + e.start, _bytes_of(raw))
+            out.copy_(raw.view(e.dtype).reshape(e.shape))
+            continue
+        out_bytes = out.view(-1).view(torch.uint8)
+        for pos in range(0, size, stage_bytes):
+            piece = min(stage_bytes, size - pos)
+            buf, event = buffers[turn], copied[turn]
+            if event is not None:
+                event.synchronize()  # this buffer's previous copy has left it
+            _read_into(fh, data_start + e.start + pos, _bytes_of(buf[:piece]))
+            out_bytes[pos : pos + piece].copy_(buf[:piece], non_blocking=pin)
+            if pin:
+                copied[turn] = torch.cuda.Event()
+                copied[turn].record(torch.cuda.current_stream(out.device))
+            turn = 1 - turn
+    for event in copied:
+        if event is not None:
+            event.synchronize()
 
 
 def _read_all(
@@ -227,6 +259,7 @@ def _read_all(
             state.update(tensors)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch._C._host_emptyCache()  # give the staging buffers' pinned memory back to the system
     nbytes = sum(e.end - e.start for shard in shards for e in shard.entries)
     return state, LoadStats(nbytes, time.perf_counter() - start)
 

@@ -120,6 +120,25 @@ def test_worker_sends_token_and_modal_proxy_headers() -> None:
     assert result.timings == {"inference_s": 1.5}
 
 
+def test_a_modal_worker_is_not_woken_by_readiness_probes() -> None:
+    """Probing a scale-to-zero endpoint would start and bill a GPU; a self-hosted worker is asked."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"ready": True})
+
+    async def run() -> tuple[bool, bool]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            common: dict[str, Any] = {"variants": frozenset({"fast"})}
+            modal = WorkerBackend("modal", "https://gpu.modal.run", client, modal_key="wk", modal_secret="ws", **common)
+            own = WorkerBackend("own", "http://gpu-1:9000", client, token="t", **common)
+            return await modal.ready(), await own.ready()
+
+    assert asyncio.run(run()) == (True, True)
+    assert seen == ["/health"]  # only the self-hosted worker was asked
+
+
 def test_fal_webp_job_is_reencoded_and_data_uris_are_accepted() -> None:
     png = make_image(1024, 1024, "png")
 

@@ -187,7 +187,22 @@ def test_the_staged_path_puts_the_same_bytes_in_place(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "s.safetensors")
     shard = read_header(tmp_path / "s.safetensors", {"b", "c", "d"})
     dest = {"b": torch.empty(5, 7), "c": torch.empty(4), "d": torch.empty(4, 6)[1:3]}  # c converted as it lands
-    with open(shard.path, "rb", buffering=0) as fh:
-        _read_staged(fh, shard.data_start, shard.entries, dest, pin=False)
-    assert torch.equal(dest["b"], tensors["b"]) and torch.equal(dest["d"], tensors["d"])
-    assert torch.equal(dest["c"], tensors["c"].float())
+    for stage_bytes in (1 << 20, 24):  # whole tensors per piece; tensors split over many pieces
+        for t in dest.values():
+            t.fill_(0)
+        with open(shard.path, "rb", buffering=0) as fh:
+            _read_staged(fh, shard.data_start, shard.entries, dest, pin=False, stage_bytes=stage_bytes)
+        assert torch.equal(dest["b"], tensors["b"]) and torch.equal(dest["d"], tensors["d"])
+        assert torch.equal(dest["c"], tensors["c"].float())
+
+
+def test_a_header_whose_offsets_do_not_fit_its_shapes_is_refused(tmp_path: Path) -> None:
+    save_file({"a": torch.randn(4, 4), "b": torch.randn(4, 4)}, tmp_path / "w.safetensors")
+    data = bytearray((tmp_path / "w.safetensors").read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["a"]["shape"] = [4, 8]  # says 128 bytes; its offsets hold 64: it would read b's bytes as its own
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    (tmp_path / "w.safetensors").write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_len :]))
+    with pytest.raises(ValueError, match="offsets"):
+        read_header(tmp_path / "w.safetensors")

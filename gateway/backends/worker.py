@@ -42,11 +42,21 @@ class WorkerBackend:
         self._headers: dict[str, str] = {}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        # A Modal endpoint scales to zero: it is started by requests, so it is never "not loaded".
+        self.scales_to_zero = False
         if modal_key and modal_secret:
+            self.scales_to_zero = True
             self._headers |= {"Modal-Key": modal_key, "Modal-Secret": modal_secret}
 
     async def ready(self) -> bool:
-        """The worker answers /health and has loaded its model (free: no generation)."""
+        """The worker answers /health and has loaded its model (free: no generation).
+
+        A Modal endpoint is not probed: each probe is an input that would start a GPU container (and keep one
+        billed through every readiness poll, defeating scale-to-zero) or wait behind generations for a slot.
+        It is ready in the sense that matters, a request starts it; its circuit breaker judges it by real traffic.
+        """
+        if self.scales_to_zero:
+            return True
         try:
             resp = await self._client.get(f"{self.url}/health", headers=self._headers, timeout=5)
             return resp.status_code == 200 and resp.json().get("ready") is True
