@@ -7,14 +7,19 @@ Prints, at 1024x1024 (4096 image tokens): ms per transformer step at batch 1 (de
 classifier-free guidance) for stock diffusers, for ours (device-side MoE), and for ours with regional
 torch.compile; model FLOP utilisation; projected seconds of transformer time per image per variant; and
 weight-load GB/s for stock (``safetensors.torch.load_file`` shard by shard, as ``from_pretrained`` does)
-and ours (inference/loading.py) on the same files on the same disk.
+and ours (inference/loading.py) on the same files on the same disk; peak GPU memory of each path; and the Modal
+path (``--no-modal-path`` skips it): the transformer saved as diffusers shards, then, in a fresh process, loaded
+into CPU memory in bf16 as ``@modal.enter(snap=True)`` does, moved to the GPU and MoE-patched as ``start`` does,
+with each phase's seconds, peak host memory (VmHWM) and peak GPU memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--load-gb", type=float, default=8.0, help="bytes of weights for the load test")
+    parser.add_argument("--no-modal-path", action="store_true", help="skip the snapshot-then-GPU load")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,13 +190,20 @@ def main() -> None:
             b: ms_per_step(model, inputs(config, b, device, dtype), args.steps, args.warmup, device) for b in (1, 2)
         }
 
+    saved = tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DISK_DIR"))
+    if not args.no_modal_path:  # the stock layout, as released checkpoints hold it
+        model.save_pretrained(Path(saved.name) / "transformer", max_shard_size="5GB")
+    peaks: dict[str, float] = {}
     rows = {"stock": both_batches()}
+    peaks["stock"] = gpu_peak_gib(device)
     patch_moe(model)  # in place, block by block: the experts' weights are restacked, not duplicated
     rows["ours"] = both_batches()
+    peaks["ours"] = gpu_peak_gib(device)
     if not args.no_compile and device.type == "cuda":
         start = time.perf_counter()
         compile_blocks(model)
         rows["ours + regional compile"] = both_batches()
+        peaks["ours + regional compile"] = gpu_peak_gib(device)
         print(f"(compile and first runs: {time.perf_counter() - start:.0f} s)")
 
     print(f"\n{'path':26s} {'b=1 ms/step':>12s} {'b=2 ms/step':>12s} {'MFU b=2':>8s}   full / dev / fast s/image")
@@ -199,6 +212,8 @@ def main() -> None:
         proj = [n * ms[b] / 1000 + VAE_DECODE_S for n, b in STEPS.values()]
         print(f"{name:26s} {ms[1]:12.1f} {ms[2]:12.1f} {mfu:>8s}   {proj[0]:.2f} / {proj[1]:.2f} / {proj[2]:.2f}")
     print("(projections: steps x ms/step + VAE decode 92 ms; text encoders not included)")
+    if device.type == "cuda":
+        print("peak GPU memory, GiB (since the start): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
 
     stock_gbs, ours_gbs, nbytes, cold = load_speed(
         model, device, shard_bytes=2 << 30, limit_bytes=int(args.load_gb * 1e9)
@@ -208,6 +223,82 @@ def main() -> None:
         f"\nweight load, {nbytes / 1e9:.1f} GB, {state}: stock {stock_gbs:.2f} GB/s, ours {ours_gbs:.2f} GB/s "
         f"({ours_gbs / stock_gbs:.1f}x)"
     )
+    if not args.no_modal_path:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        modal_path(Path(saved.name) / "transformer")
+    saved.cleanup()
+
+
+def gpu_peak_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated so far, in GiB (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+# The Modal path in a fresh process, so its memory figures are its own.
+MODAL_PATH = """
+import json, sys, time
+import torch
+from diffusers import HiDreamImageTransformer2DModel
+from inference.loading import load_model
+from inference.moe import patch_moe
+
+def status_kib(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+out = {"baseline_gib": status_kib("VmRSS") / 2**20}
+start = time.perf_counter()
+model, stats = load_model(HiDreamImageTransformer2DModel, sys.argv[1], device="cpu", dtype=torch.bfloat16)
+out["load_s"], out["load_gb"] = time.perf_counter() - start, stats.bytes / 1e9
+out["host_peak_after_load_gib"] = status_kib("VmHWM") / 2**20
+if torch.cuda.is_available():
+    start = time.perf_counter()
+    model.to("cuda")
+    torch.cuda.synchronize()
+    out["move_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    patch_moe(model)
+    torch.cuda.synchronize()
+    out["patch_s"] = time.perf_counter() - start
+    out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["gpu_now_gib"] = torch.cuda.memory_allocated() / 2**30
+else:
+    start = time.perf_counter()
+    patch_moe(model)
+    out["patch_s"] = time.perf_counter() - start
+out["model_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+out["host_peak_gib"] = status_kib("VmHWM") / 2**20
+print(json.dumps(out))
+"""
+
+
+def modal_path(directory: Path) -> None:
+    """Load as modal_app's snapshot hook does, then move and patch as its start hook does; print the figures."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", MODAL_PATH, str(directory)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(root)},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"Modal path failed:\n{done.stderr[-3000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"\nModal path (snapshot load on the CPU, then move + MoE patch): model {got['model_gib']:.1f} GiB; "
+        f"load {got['load_s']:.1f} s ({got['load_gb'] / got['load_s']:.2f} GB/s), host peak "
+        f"{got['host_peak_gib'] - got['baseline_gib']:.1f} GiB above a {got['baseline_gib']:.1f} GiB baseline"
+    )
+    if "move_s" in got:
+        print(
+            f"move to GPU {got['move_s']:.1f} s, MoE patch {got['patch_s']:.2f} s; GPU peak "
+            f"{got['gpu_peak_gib']:.1f} GiB, resident {got['gpu_now_gib']:.1f} GiB"
+        )
+    else:
+        print(f"no GPU: MoE patch on the CPU {got['patch_s']:.2f} s")
 
 
 if __name__ == "__main__":
