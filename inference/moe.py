@@ -23,15 +23,20 @@ from torch import nn
 
 
 def _grouped_mm_works(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` exists and can take these operands (bf16, 16-byte-aligned strides).
+    """``torch._grouped_mm`` exists and can take these operands here (16-byte-aligned strides, and bf16 except in
+    eager mode on the CPU).
 
-    Eager CPU kernels accept fp32 too, but the kernel's shape function (used by ``torch.compile``) and the CUDA
-    kernel take bf16 only, so other dtypes go the all-experts way, which compiles.
+    The CPU kernel also takes fp32, but the kernel's shape function (what ``torch.compile`` traces with) and the
+    CUDA kernel take bf16 only; anything else goes the all-experts way, which compiles.
     """
-    if not hasattr(torch, "_grouped_mm") or any(t.dtype != torch.bfloat16 for t in (x, *weights)):
+    if not hasattr(torch, "_grouped_mm"):
         return False
     # The leading (non-unit) stride of each operand's matrix must be a multiple of 16 bytes.
-    return all(max(t.stride(-1), t.stride(-2)) * t.element_size() % 16 == 0 for t in (x, *weights))
+    if not all(max(t.stride(-1), t.stride(-2)) * t.element_size() % 16 == 0 for t in (x, *weights)):
+        return False
+    if all(t.dtype == torch.bfloat16 for t in (x, *weights)):
+        return True
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _adopt_stacks(experts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor] | None:

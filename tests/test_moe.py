@@ -31,6 +31,20 @@ def test_moe_layer_matches_stock_in_fp32(dim: int, tokens: int) -> None:
         torch.testing.assert_close(ours(x), stock(x), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_fp32_layer_takes_the_all_experts_way_and_matches_stock() -> None:
+    """fp32 under torch.compile (the CPU tests' warm-up) cannot use the grouped kernel; its way must agree."""
+    import torch._dynamo
+
+    stock, x = _layer(32, 300, torch.float32)
+    ours = copy.deepcopy(stock)
+    patch_moe(ours)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(ours, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), stock(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_moe_layer_of_the_released_size_matches_stock_within_bf16_tolerance() -> None:
     # HiDream-I1: 20 heads x 128 = 2560 wide, expert SwiGLU hidden 6912, 4 routed experts, 2 active.
     stock, x = _layer(2560, 96, torch.bfloat16)

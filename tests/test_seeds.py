@@ -20,10 +20,10 @@ def _diff(a: bytes, b: bytes) -> np.ndarray:
 
 
 def _params(variant: str, seed: int, n: int = 1, **extra: object) -> GenerateParams:
-    # 256x256 keeps it quick (the runner takes any size; the API maps to HiDream's). Three steps: the flash
-    # schedulers draw fresh noise between steps, so a single step would hide the bug.
+    # 256x256 keeps the VAE quick (the runner takes any size; the API maps to HiDream's). Two steps: the flash
+    # scheduler draws fresh noise after every step but the last, so a single step would hide the bug.
     return GenerateParams.of(
-        prompt="a red fox", variant=variant, width=256, height=256, seed=seed, n=n, num_inference_steps=3, **extra
+        prompt="a red fox", variant=variant, width=256, height=256, seed=seed, n=n, num_inference_steps=2, **extra
     )
 
 
@@ -32,8 +32,7 @@ def test_image_i_is_image_0_of_seed_plus_i(runner: HiDreamRunner, variant: str) 
     pair = runner.generate(_params(variant, seed=5, n=2)).images
     alone_5 = runner.generate(_params(variant, seed=5)).images[0]
     alone_6 = runner.generate(_params(variant, seed=6)).images[0]
-    again = runner.generate(_params(variant, seed=5, n=2)).images
-    assert pair == again  # same request, same bytes
+    assert runner.generate(_params(variant, seed=6)).images[0] == alone_6  # same request, same bytes
     # Across batch sizes the CPU's matmuls may round differently in the last bit; one 8-bit level allows that,
     # while a different noise draw moves pixels by tens to hundreds of levels.
     worst = int(_diff(pair[0], alone_5).max()), int(_diff(pair[1], alone_6).max())
@@ -41,9 +40,10 @@ def test_image_i_is_image_0_of_seed_plus_i(runner: HiDreamRunner, variant: str) 
     assert _diff(alone_5, alone_6).mean() > 5  # the seed matters
 
 
-@pytest.mark.parametrize("variant", ["dev", "fast"])
-def test_flash_scheduler_noise_follows_the_seed_under_guidance(runner: HiDreamRunner, variant: str) -> None:
-    """Guidance doubles the transformer batch; the per-step noise must still be per image."""
+def test_flash_scheduler_noise_follows_the_seed_under_guidance(runner: HiDreamRunner) -> None:
+    """Guidance doubles the transformer batch; the per-step noise must still be per image (dev and fast share
+    the flash scheduler; fast here)."""
+    variant = "fast"
     pair = runner.generate(_params(variant, seed=9, n=2, guidance_scale=3.0)).images
     alone = runner.generate(_params(variant, seed=10, guidance_scale=3.0)).images[0]
     worst = int(_diff(pair[1], alone).max())
