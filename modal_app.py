@@ -178,6 +178,7 @@ class HiDream:
         )
         if DEPLOY.gpu_snapshot:
             self._bring_up()
+            self._keep_compiled_kernels()
 
     @modal.enter(snap=False)
     def start(self) -> None:
@@ -190,6 +191,8 @@ class HiDream:
         runner = self.runner
         self.queue = GenerationQueue(lambda: runner, queue_size=QUEUED_PER_GPU)
         self.queue.start()
+        if not DEPLOY.gpu_snapshot:
+            self._keep_compiled_kernels()  # after the queue starts: a slow commit delays nothing
 
     def _bring_up(self) -> None:
         from inference import startup
@@ -202,9 +205,12 @@ class HiDream:
             times=self.times,
         )
         print(f"start-up phases: {self.times.summary()}")
+
+    def _keep_compiled_kernels(self) -> None:
+        """Commit the compile cache, so kernels compiled by this container serve the next one."""
         if DEPLOY.compile == "regional" and not modal.is_local():
             try:
-                compile_cache.commit()  # kernels compiled by this container serve the next one
+                compile_cache.commit()
             except Exception as exc:  # a cache that failed to persist costs the next container time, not this one
                 print(f"compile cache not committed: {exc!r}")
 
@@ -215,16 +221,23 @@ class HiDream:
         Errors are built-in exceptions (``ValueError`` for a bad job, ``RuntimeError`` when busy), so a caller
         without this package can still unpickle them.
         """
+        from pydantic import ValidationError
+
         from inference.serving import NotLoaded, QueueFull
         from inference.worker import WorkerRequest, generation_body
 
-        request = WorkerRequest.model_validate(job)
+        try:
+            request = WorkerRequest.model_validate(job)
+        except ValidationError as exc:
+            raise ValueError(f"invalid job: {exc}") from None
         if request.variant != VARIANT:  # these weights would run another variant's presets and mislabel it
             raise ValueError(f"this deployment serves {VARIANT!r}, not {request.variant!r}")
         try:
             generation = await self.queue.submit(request.params(), timeout=request.timeout_s)
-        except (QueueFull, NotLoaded) as exc:
+        except QueueFull as exc:
             raise RuntimeError(f"busy: {exc}") from None
+        except NotLoaded as exc:  # not worth retrying here: the container is broken or stopping
+            raise RuntimeError(f"not available: {exc}") from None
         return generation_body(generation)
 
     @modal.asgi_app(requires_proxy_auth=True)

@@ -16,8 +16,10 @@ with each phase's seconds, peak host memory (VmHWM) and peak GPU memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from inference.loading import read_safetensors
@@ -191,8 +194,14 @@ def main() -> None:
         }
 
     saved = tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DISK_DIR"))
-    if not args.no_modal_path:  # the stock layout, as released checkpoints hold it
-        model.save_pretrained(Path(saved.name) / "transformer", max_shard_size="5GB")
+    modal_dir: Path | None = None
+    if not args.no_modal_path:  # saved now, in the stock layout released checkpoints have (patching shares storage)
+        need = sum(p.numel() * p.element_size() for p in model.parameters()) + (int(args.load_gb * 1e9) + (1 << 30))
+        if shutil.disk_usage(saved.name).free < need:
+            print(f"(Modal path skipped: {need / 1e9:.0f} GB of free disk needed under BENCH_DISK_DIR)")
+        else:
+            modal_dir = Path(saved.name) / "transformer"
+            model.save_pretrained(modal_dir, max_shard_size="5GB")
     peaks: dict[str, float] = {}
     rows = {"stock": both_batches()}
     peaks["stock"] = gpu_peak_gib(device)
@@ -223,11 +232,13 @@ def main() -> None:
         f"\nweight load, {nbytes / 1e9:.1f} GB, {state}: stock {stock_gbs:.2f} GB/s, ours {ours_gbs:.2f} GB/s "
         f"({ours_gbs / stock_gbs:.1f}x)"
     )
-    if not args.no_modal_path:
+    if modal_dir is not None:
         del model
+        torch._dynamo.reset()  # compiled blocks and patched forwards are reference cycles: collect them
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        modal_path(Path(saved.name) / "transformer")
+        modal_path(modal_dir)
     saved.cleanup()
 
 

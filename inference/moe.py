@@ -36,7 +36,12 @@ def _grouped_mm_works(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if all(t.dtype == torch.bfloat16 for t in (x, *weights)):
         return True
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    cpu_dtypes = (torch.float32, torch.float16, torch.bfloat16)  # the CPU kernel refuses float64
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and all(t.dtype in cpu_dtypes for t in (x, *weights))
+    )
 
 
 def _adopt_stacks(experts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -62,6 +62,9 @@ def cuda_unasked() -> Iterator[None]:
     """
     import torch
 
+    # Its class body keeps a reference to torch.cuda.device_count: import it first, so it keeps the real one.
+    import torch._dynamo.device_interface
+
     saved = {name: getattr(torch.cuda, name) for name in ("is_available", "device_count")}
     driver_count = getattr(torch._C, "_cuda_getDeviceCount", None)  # absent from CPU builds
     torch.cuda.is_available = lambda: False

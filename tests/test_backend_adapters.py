@@ -131,8 +131,9 @@ def test_a_modal_worker_is_not_woken_by_readiness_probes() -> None:
     async def run() -> tuple[bool, bool]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             common: dict[str, Any] = {"variants": frozenset({"fast"})}
-            modal = WorkerBackend("modal", "https://gpu.modal.run", client, modal_key="wk", modal_secret="ws", **common)
-            own = WorkerBackend("own", "http://gpu-1:9000", client, token="t", **common)
+            creds: dict[str, Any] = {"modal_key": "wk", "modal_secret": "ws"}  # sent to every worker URL
+            modal = WorkerBackend("modal", "https://acme--hidream-fast-web.modal.run", client, **creds, **common)
+            own = WorkerBackend("own", "http://gpu-1:9000", client, token="t", **creds, **common)
             return await modal.ready(), await own.ready()
 
     assert asyncio.run(run()) == (True, True)

@@ -166,6 +166,9 @@ def test_the_modal_method_serves_only_the_deployed_variant(modal_app: ModuleType
     obj = _entered(modal_app)
     with pytest.raises(ValueError, match="serves 'fast', not 'full'"):
         asyncio.run(obj.generate.local(JOB | {"variant": "full"}))
+    with pytest.raises(ValueError, match="invalid job") as refused:  # a built-in error, not pydantic's
+        asyncio.run(obj.generate.local(JOB | {"width": 5}))
+    assert type(refused.value) is ValueError
 
 
 def test_web_endpoint_is_the_worker_protocol(modal_app: ModuleType) -> None:
@@ -193,7 +196,16 @@ def driver(answer):
         asked.append("".join(traceback.format_stack(limit=12)[:-1]))
         return answer
     return ask
+def recorded(real):
+    def call(*args, **kwargs):
+        asked.append("".join(traceback.format_stack(limit=12)[:-1]))
+        return real(*args, **kwargs)
+    return call
 torch.cuda.is_available, torch.cuda.device_count = driver(False), driver(0)
+for name in ("init", "_lazy_init", "current_device", "set_device", "get_device_properties", "synchronize"):
+    setattr(torch.cuda, name, recorded(getattr(torch.cuda, name)))
+# On a CUDA build these ask whether CUDA is there, which fills the same cache.
+torch.Tensor.is_pinned, torch.Tensor.pin_memory = recorded(torch.Tensor.is_pinned), recorded(torch.Tensor.pin_memory)
 torch._C._accelerator_getAccelerator = lambda: torch.device("cuda")
 import modal_app
 from modal._partial_function import _find_callables_for_obj, _PartialFunctionFlags

@@ -42,11 +42,12 @@ class WorkerBackend:
         self._headers: dict[str, str] = {}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
-        # A Modal endpoint scales to zero: it is started by requests, so it is never "not loaded".
-        self.scales_to_zero = False
         if modal_key and modal_secret:
-            self.scales_to_zero = True
             self._headers |= {"Modal-Key": modal_key, "Modal-Secret": modal_secret}
+        # A Modal endpoint scales to zero: requests start it, so it is never "not loaded". The proxy-auth headers
+        # go to every worker URL, so the host, not the headers, tells a Modal endpoint from a self-hosted worker.
+        host = httpx.URL(self.url).host
+        self.scales_to_zero = bool(modal_key and modal_secret) and (host == "modal.run" or host.endswith(".modal.run"))
 
     async def ready(self) -> bool:
         """The worker answers /health and has loaded its model (free: no generation).
