@@ -109,6 +109,10 @@ class HiDreamRunner:
         self.load_seconds = load_seconds
         self._lock = threading.Lock()
         self._schedulers = {name: _make_scheduler(v) for name, v in VARIANTS.items()}
+        # Schedulers whose step draws noise (the flash flow-match one): they get each image's own generator.
+        self._noisy_steps = {
+            name for name, sch in self._schedulers.items() if "generator" in inspect.signature(sch.step).parameters
+        }
 
     @classmethod
     def load(
@@ -189,7 +193,8 @@ class HiDreamRunner:
             start = time.perf_counter()
             cuda = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
             # fork_rng: nothing here may move the process's global RNG, and nothing may depend on it.
-            with _per_image_step_noise(self.pipe.scheduler, generators), torch.random.fork_rng(devices=cuda):
+            noisy = params.variant.name in self._noisy_steps
+            with _per_image_step_noise(self.pipe.scheduler, generators, noisy), torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(params.seed)
                 with torch.inference_mode():
                     out = self.pipe(
@@ -217,14 +222,14 @@ class HiDreamRunner:
 
 
 @contextmanager
-def _per_image_step_noise(scheduler: Any, generators: list[Any]) -> Iterator[None]:
+def _per_image_step_noise(scheduler: Any, generators: list[Any], noisy: bool) -> Iterator[None]:
     """Schedulers that draw noise in ``step`` (the flash flow-match one does, every step) draw image i's
     noise from generator i, so image i depends on ``seed + i`` alone, whatever ``n`` is.
 
     The pipeline calls ``scheduler.step`` without a generator; left alone, the scheduler draws the whole
     batch's noise from torch's global RNG, and image 1 of (seed 5, n=2) differs from image 0 of (seed 6, n=1).
     """
-    if "generator" not in inspect.signature(scheduler.step).parameters:
+    if not noisy:
         yield  # deterministic given the initial latents (flow UniPC)
         return
     scheduler.step = functools.partial(scheduler.step, generator=generators)
@@ -254,15 +259,12 @@ def compile_blocks(transformer: Any, *, backend: str = "inductor") -> int:
 WARM_UP_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1), (1024, 1024, 2), (1248, 832, 1), (1248, 832, 2))
 
 
-def warm_up(runner: HiDreamRunner, variant: Variant) -> float:
-    """Run each shape class once, so compiles (or compile-cache loads) happen now and not on a tenant's
-    request; returns the seconds it took."""
-    start = time.perf_counter()
+def warm_up(runner: HiDreamRunner, variant: Variant) -> None:
+    """Run each shape class once, so compiles (or compile-cache loads) happen now and not on a tenant's request."""
     for width, height, n in WARM_UP_SHAPES:
         runner.generate(
             GenerateParams("warm-up", variant, width, height, seed=0, n=n, num_inference_steps=1, guidance_scale=0.0)
         )
-    return time.perf_counter() - start
 
 
 def _make_scheduler(variant: Variant) -> Any:

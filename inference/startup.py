@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,8 +85,6 @@ def cuda_unasked() -> Iterator[None]:
 
 def _clear_cache(module: str, path: str) -> None:
     """``cache_clear()`` the lru_cache at ``module.path``, if that library is loaded and has it."""
-    import sys
-
     target: object = sys.modules.get(module)
     for part in path.split("."):
         target = getattr(target, part, None)

@@ -116,6 +116,7 @@ def test_load_and_patch_moe_hold_the_model_once(tmp_path: Path) -> None:
     figures = f"baseline {got['baseline'] / 2**20:.0f} MiB, peak {got['peak'] / 2**20:.0f} MiB, " + (
         f"model {got['model_bytes'] / 2**20:.0f} MiB: {grown / got['model_bytes']:.2f}x"
     )
+    print(figures)  # `pytest -s tests/test_loading_memory.py` shows the figures the README quotes
     assert got["patched"] == 3, figures
     assert grown <= 1.05 * got["model_bytes"], figures
     assert got["adopted"], figures

@@ -51,6 +51,7 @@ def test_deployment_settings(modal_app: ModuleType) -> None:
     options = modal_app.CLS_OPTIONS
     assert options["enable_memory_snapshot"] is True and options["experimental_options"] == {}
     assert (options["gpu"], options["scaledown_window"], options["min_containers"]) == ("H100", 120, 0)
+    assert options["startup_timeout"] == 1800  # a first GPU-snapshot boot loads, compiles and warms up
     spec = modal_app.HiDream._get_class_service_function()._spec_
     assert spec.gpus == "H100"
     assert {str(p): repr(v) for p, v in spec.volumes.items()} == {
