@@ -11,22 +11,25 @@ import httpx
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from gateway.api import admin, files, health, images, usage
+from gateway.api import admin, files, health, images, predictions, usage, webhooks
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
 from gateway.backends.fal import FalBackend
 from gateway.backends.local import LocalBackend
 from gateway.backends.replicate import ReplicateBackend
 from gateway.backends.worker import WorkerBackend
+from gateway.engine import Engine
 from gateway.errors import install_error_handlers
 from gateway.health import HealthBoard
-from gateway.jobs import ImageService
+from gateway.jobs import JobRunner
 from gateway.metering import RateLimiter
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from gateway.outbound import NetworkPolicy
 from gateway.settings import Settings
 from gateway.state import AppState
 from gateway.storage.db import create_engine, session_factory, upgrade
 from gateway.storage.files import FileStore, UrlSigner
+from gateway.webhooks import WebhookSender
 from inference.serving import model_loader
 
 log = logging.getLogger("hidream_gateway")
@@ -74,6 +77,9 @@ def build_backends(settings: Settings, client: httpx.AsyncClient) -> list[Backen
                     models=settings.replicate_models,
                     base_url=settings.replicate_base_url,
                     poll_seconds=settings.provider_poll_seconds,
+                    output_hosts=settings.replicate_output_hosts,
+                    max_bytes=settings.output_max_bytes,
+                    output_timeout=settings.output_timeout_seconds,
                 )
             )
         elif kind == "fal":
@@ -84,6 +90,9 @@ def build_backends(settings: Settings, client: httpx.AsyncClient) -> list[Backen
                     apps=settings.fal_apps,
                     base_url=settings.fal_base_url,
                     poll_seconds=settings.provider_poll_seconds,
+                    output_hosts=settings.fal_output_hosts,
+                    max_bytes=settings.output_max_bytes,
+                    output_timeout=settings.output_timeout_seconds,
                 )
             )
     return built
@@ -96,16 +105,6 @@ def max_in_flight(backend: Backend, settings: Settings) -> int:
     if backend.kind == "worker":
         return settings.worker_max_in_flight
     return settings.provider_max_in_flight
-
-
-async def _reap_forever(images: ImageService, every_seconds: float = 60.0) -> None:
-    """Settle abandoned predictions now and then; a failed pass is logged and retried next time."""
-    while True:
-        try:
-            await images.reap_stale()
-        except Exception:
-            log.exception("reaping abandoned predictions failed")
-        await asyncio.sleep(every_seconds)
 
 
 def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None) -> FastAPI:
@@ -125,33 +124,50 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             health.register(backend.name, max_in_flight=max_in_flight(backend, settings))
         sessions = session_factory(engine)
         file_store = FileStore(settings.files_dir)
+        signer = UrlSigner(settings.signing_key(), ttl_seconds=settings.url_ttl_seconds)
+        runner = JobRunner(
+            sessions=sessions,
+            backends=active,
+            files=file_store,
+            prices=settings.prices_usd_per_megapixel,
+            costs=settings.backend_costs,
+            gpu_usd_per_second=settings.worker_gpu_usd_per_second,
+            health=health,
+            attempt_timeout=settings.attempt_timeout_seconds,
+        )
+        jobs = Engine(
+            sessions=sessions,
+            runner=runner,
+            signer=signer,
+            timeout=settings.request_timeout_seconds,
+            lease_seconds=settings.job_lease_seconds,
+            poll_seconds=settings.job_poll_seconds,
+            concurrency=settings.job_concurrency,
+        )
+        outbound = NetworkPolicy(settings.webhook_allowed_networks)
+        sender = WebhookSender(sessions=sessions, client=client, policy=outbound, owner=jobs.owner)
         app.state.hdg = AppState(
             settings=settings,
             engine=engine,
             sessions=sessions,
             files=file_store,
-            signer=UrlSigner(settings.signing_key(), ttl_seconds=settings.url_ttl_seconds),
+            signer=signer,
             backends=active,
             health=health,
-            images=ImageService(
-                sessions=sessions,
-                backends=active,
-                files=file_store,
-                prices=settings.prices_usd_per_megapixel,
-                costs=settings.backend_costs,
-                gpu_usd_per_second=settings.worker_gpu_usd_per_second,
-                health=health,
-                timeout=settings.request_timeout_seconds,
-                attempt_timeout=settings.attempt_timeout_seconds,
-            ),
+            runner=runner,
+            jobs=jobs,
             authenticator=ApiKeyAuthenticator(cache_seconds=settings.auth_cache_seconds),
             rate_limiter=RateLimiter(),
+            outbound=outbound,
         )
-        reaper = asyncio.create_task(_reap_forever(app.state.hdg.images))
+        await jobs.start()
+        delivering = asyncio.create_task(sender.run_forever(jobs.webhook_wake), name="webhook deliveries")
         try:
             yield
         finally:
-            reaper.cancel()
+            await jobs.stop()
+            delivering.cancel()
+            await asyncio.gather(delivering, return_exceptions=True)
             if owned:
                 for backend in active:
                     await backend.aclose()
@@ -160,7 +176,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
 
     app = FastAPI(title="hidream-gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, images, files, usage, admin):
+    for module in (health, images, predictions, webhooks, files, usage, admin):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)

@@ -122,9 +122,43 @@ class GenerationTimeout(GatewayError):
     code = "timeout"
 
 
-def error_response(exc: GatewayError) -> JSONResponse:
-    """Render a GatewayError as a JSON response."""
+# Replicate's API (predictions, models, webhooks) answers errors as RFC 7807 problems; the rest is OpenAI's shape.
+REPLICATE_PATHS = ("/v1/predictions", "/v1/models/", "/v1/webhooks/")
+TITLES = {
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request too large",
+    422: "Input validation failed",
+    429: "Too many requests",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+    504: "Gateway timeout",
+}
+
+
+def error_response(exc: GatewayError, path: str = "") -> JSONResponse:
+    """Render a GatewayError as a JSON response, in the error format of the API that ``path`` belongs to."""
+    if path.startswith(REPLICATE_PATHS):
+        return problem_response(exc)
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def problem_response(exc: GatewayError) -> JSONResponse:
+    """``application/problem+json`` as Replicate answers: input errors are 422, the rest keep their status."""
+    status = 422 if exc.status_code == 400 else exc.status_code
+    body: dict[str, Any] = {
+        "type": f"https://hidream-gateway.dev/problems/{exc.code or exc.error_type}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": exc.message,
+    }
+    if status == 422 and exc.param:
+        body["invalid_fields"] = [{"type": exc.code or "invalid", "field": exc.param, "description": exc.message}]
+    return JSONResponse(body, status_code=status, headers=exc.headers, media_type="application/problem+json")
 
 
 def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
@@ -147,12 +181,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc.errors()[0])
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(InvalidRequest(message, param=param), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -162,10 +196,19 @@ def install_error_handlers(app: FastAPI) -> None:
             err.message, err.code = f"Unknown path {request.url.path}.", "not_found"
         elif exc.status_code == 405:
             err.message, err.code = f"Method {request.method} is not allowed here.", "method_not_allowed"
-        return error_response(err)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", None)
         log.exception("unhandled error (request %s)", request_id)
-        return error_response(GatewayError(f"Internal error; quote request id {request_id} to support."))
+        error = GatewayError(f"Internal error; quote request id {request_id} to support.")
+        return error_response(error, request.url.path)
+
+
+class IdempotencyConflict(GatewayError):
+    """An Idempotency-Key was reused with a different request."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "idempotency_key_reused"

@@ -1,41 +1,61 @@
-"""The generation lifecycle: record the prediction, run it on a backend, store the images, settle the bill."""
+"""Running one claimed job: route it, try backends in order, record the provider's job, store, settle once.
+
+The engine (gateway/engine.py) claims a job and calls ``JobRunner.execute``; every write here is guarded by the
+job's lease, so a runner that lost its lease (it stalled and another replica took over) changes nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.auth import Principal
-from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult
-from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
+from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult, ProviderBackend
+from gateway.errors import (
+    BackendBusy,
+    BackendFailed,
+    BackendUnavailable,
+    GatewayError,
+    GenerationTimeout,
+    InvalidRequest,
+)
 from gateway.health import HealthBoard
-from gateway.metering import backend_cost_usd, check_budget, price_usd
+from gateway.metering import backend_cost_usd, price_usd
 from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
-from gateway.storage import repo
+from gateway.storage import queue, repo
 from gateway.storage.files import FileStore, SavedFile
 from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
 log = logging.getLogger("hidream_gateway.jobs")
 
+# Errors as stored (``error_code``) back to the error a waiting client is given, in any replica.
+ERRORS: dict[str, type[GatewayError]] = {
+    "backend_busy": BackendBusy,
+    "backend_unavailable": BackendUnavailable,
+    "backend_error": BackendFailed,
+    "timeout": GenerationTimeout,
+    "invalid_value": InvalidRequest,
+}
+Why = Literal["cancel", "lost", "shutdown"]
+# Called inside a settle's transaction, so webhook events are written with the state change they report.
+OnSettle = Callable[[AsyncSession, Prediction, Sequence[StoredFile]], Awaitable[None]]
 
-@dataclass
-class Completed:
-    """A settled, successful generation."""
 
-    prediction: Prediction
-    files: list[StoredFile]
-    result: ImageResult
-    backend: str
-    attempts: int
+def error_from(prediction: Prediction) -> GatewayError:
+    """The error a failed or canceled job reports, rebuilt from its stored code and message."""
+    message = prediction.error or f"The prediction was {prediction.status}."
+    if prediction.status == "canceled":
+        return GatewayError(message, code="canceled")
+    kind = ERRORS.get(prediction.error_code or "", BackendFailed)
+    return kind(message) if kind is not BackendBusy else BackendBusy(message, retry_after=2)
 
 
 def final_error(errors: list[GatewayError], *, out_of_time: bool) -> GatewayError:
@@ -51,11 +71,23 @@ def final_error(errors: list[GatewayError], *, out_of_time: bool) -> GatewayErro
     return BackendFailed(f"All {len(errors)} attempts failed; the last: {errors[-1].message}")
 
 
-class ImageService:
-    """Runs image jobs end to end: route, try candidates in order within one deadline, store, settle once.
+@dataclass
+class Finished:
+    """A job that reached a terminal state (or, with ``deferred``, went back to wait for capacity)."""
 
-    Routes call ``generate``; it raises GatewayError subclasses on failure.
-    """
+    prediction: Prediction
+    files: list[StoredFile]
+    images: list[bytes] | None = None  # the bytes, when this process made them
+    error: GatewayError | None = None
+    deferred: bool = False
+
+
+class LeaseLost(Exception):
+    """Another runner owns the job now; this one must stop without writing."""
+
+
+class JobRunner:
+    """Executes jobs on the backends: routing, failover within one deadline, storage and the one settle."""
 
     def __init__(
         self,
@@ -67,8 +99,8 @@ class ImageService:
         costs: Mapping[str, Mapping[str, Cost]],
         gpu_usd_per_second: Decimal,
         health: HealthBoard,
-        timeout: float,
         attempt_timeout: float,
+        on_settle: OnSettle | None = None,
     ) -> None:
         self.sessions = sessions
         self.backends = {b.name: b for b in backends}
@@ -78,8 +110,8 @@ class ImageService:
         self.costs: dict[str, dict[str, Cost]] = {name: dict(book) for name, book in costs.items()}
         self.gpu_rate = gpu_usd_per_second
         self.health = health
-        self.timeout = timeout
         self.attempt_timeout = attempt_timeout
+        self.on_settle = on_settle
 
     def cost(self, backend: Backend, job: ImageJob, gpu_seconds: float | None = None) -> Decimal:
         """Our cost of ``job`` on ``backend`` (an estimate unless the backend measured GPU time)."""
@@ -115,6 +147,7 @@ class ImageService:
         ]
 
     def candidates(self, job: ImageJob, route: Route, allowed: Sequence[str] | None) -> list[Backend]:
+        """The backends to try in order; BackendBusy or BackendUnavailable when there are none right now."""
         views = self.views(job)
         names = plan(variant=job.variant, route=route, allowed=allowed, views=views)
         if not names:
@@ -131,98 +164,117 @@ class ImageService:
             )
         return [self.backends[n] for n in names]
 
-    async def generate(
-        self, *, principal: Principal, model: str, job: ImageJob, params: dict[str, Any], route: Route
-    ) -> Completed:
-        """Run ``job`` for ``principal``; whatever happens, at most one usage event is billed."""
-        candidates = self.candidates(job, route, principal.tenant.allowed_backends)
-        async with self.sessions.begin() as session:
-            # One transaction: the budget check and the record of the work it admits.
-            await check_budget(session, tenant=principal.tenant, now=utcnow())
-            prediction = await repo.create_prediction(
-                session,
-                tenant_id=principal.tenant.id,
-                api_key_id=principal.key.id,
-                model=model,
-                prompt=job.prompt,
-                params=params,
-                width=job.width,
-                height=job.height,
-                n=job.n,
-                seed=job.seed,
-            )
+    async def execute(
+        self, p: Prediction, *, owner: str, allowed: Sequence[str] | None, why: Callable[[], Why | None]
+    ) -> Finished:
+        """Run a job this process holds the lease on, to its end; ``why`` says why it is being cancelled."""
+        job = ImageJob(**p.job)
+        route = Route.parse(p.route)
         started = time.monotonic()
-        tried: list[str] = []
+        logs: list[str] = []
         errors: list[GatewayError] = []
-        served: Backend | None = None
+        tried: list[str] = []
+        if p.cancel_requested:  # canceled while it waited to be claimed, or while its runner was dying
+            await self._cancel_provider_job(p)
+            return await self._fail(p, owner, started, "canceled", None, ["Canceled."], tried)
+        ends = [t for t in (p.deadline_at, p.cancel_at) if t is not None]
+        end = min(ends) if ends else utcnow() + timedelta(days=1)
         try:
-            for backend in candidates:
-                remaining = started + self.timeout - time.monotonic()
-                if remaining <= 0 or not self.health.admits(backend.name):
-                    continue
-                tried.append(backend.name)
-                result_or_error = await self._attempt(backend, job, min(remaining, self.attempt_timeout))
-                if isinstance(result_or_error, ImageResult):
-                    served, result = backend, result_or_error
-                    break
-                errors.append(result_or_error)
-            if served is None:
-                if not tried:  # every candidate became ineligible (e.g. another request took a trial slot)
-                    raise BackendBusy("Every backend that can serve this request is busy; retry later.", retry_after=2)
-                raise final_error(errors, out_of_time=time.monotonic() >= started + self.timeout)
-            stored = await asyncio.to_thread(self._save_all, prediction, result)
-        except BaseException as exc:
-            status = "canceled" if isinstance(exc, asyncio.CancelledError) else "failed"
-            # Only our own errors carry a message fit for the client; anything else is recorded by type.
-            error = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
-            name = served.name if served else (tried[-1] if tried else None)
-            # Shielded so a client hanging up cannot leave the prediction unsettled.
-            await asyncio.shield(self._settle_failure(prediction, name, started, status, error, len(tried)))
+            async with asyncio.timeout(max(0.0, (end - utcnow()).total_seconds())):
+                served, result = await self._run(p, job, route, allowed, owner, logs, errors, tried)
+        except LeaseLost:
+            return await self._current(p)
+        except asyncio.CancelledError:
+            if why() != "cancel":  # lost or shutting down: another runner continues it, re-attaching to the provider
+                raise
+            await asyncio.shield(self._cancel_provider_job(p))
+            logs.append("Canceled.")
+            await asyncio.shield(self._fail(p, owner, started, "canceled", None, logs, tried))
             raise
-        attempts = len(tried)
-        latency_ms = int((time.monotonic() - started) * 1000)
-        gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
-        settle = self._settle_success(prediction, served, job, result, stored, model, attempts, latency_ms, gpu_seconds)
-        try:
-            # Shielded: once the images exist, a client hanging up must not stop their rows from landing.
-            await asyncio.shield(settle)
+        except TimeoutError:
+            await asyncio.shield(self._cancel_provider_job(p))
+            if p.cancel_at is not None and utcnow() >= p.cancel_at:
+                logs.append("Canceled by Cancel-After.")
+                return await self._fail(p, owner, started, "canceled", None, logs, tried)
+            error: GatewayError = GenerationTimeout(
+                "No backend finished in time." if not errors else f"No backend finished in time; {errors[-1].message}"
+            )
+            return await self._fail(p, owner, started, "failed", error, logs, tried)
+        except Deferred as deferred:
+            return deferred.finished
+        except GatewayError as exc:
+            return await self._fail(p, owner, started, "failed", exc, logs, tried)
         except Exception as exc:
-            for f in stored:  # the rows never landed, so neither should the files
-                self.files.delete(f.path)
-            log.exception("could not record the success of prediction %s", prediction.id)
-            await asyncio.shield(
-                self._settle_failure(prediction, served.name, started, "failed", type(exc).__name__, attempts)
-            )
-            raise BackendFailed("The image was made but could not be stored; it is not billed.") from exc
-        prediction.status, prediction.backend, prediction.attempts = "succeeded", served.name, attempts
-        prediction.width, prediction.height, prediction.latency_ms = result.width, result.height, latency_ms
-        return Completed(prediction, stored, result, served.name, attempts)
+            log.exception("job %s raised", p.id)
+            return await self._fail(p, owner, started, "failed", BackendFailed(type(exc).__name__), logs, tried)
+        return await self._succeed(p, owner, job, served, result, started, logs, tried)
 
-    async def reap_stale(self) -> int:
-        """Settle predictions a crashed process left ``processing`` as failed (unbilled); returns how many.
+    async def _run(
+        self,
+        p: Prediction,
+        job: ImageJob,
+        route: Route,
+        allowed: Sequence[str] | None,
+        owner: str,
+        logs: list[str],
+        errors: list[GatewayError],
+        tried: list[str],
+    ) -> tuple[Backend, ImageResult]:
+        skip: set[str] = set()
+        attached = self.backends.get(p.provider_backend or "")
+        if p.provider_ref is not None and isinstance(attached, ProviderBackend):
+            # A previous runner had submitted it: wait on that job instead of paying for another.
+            logs.append(f"Re-attached to the job on {attached.name}.")
+            tried.append(attached.name)
+            outcome = await self._attempt(attached, job, p, owner, ref=p.provider_ref)
+            if isinstance(outcome, ImageResult):
+                return attached, outcome
+            errors.append(outcome)
+            skip.add(attached.name)
+        try:
+            candidates = [b for b in self.candidates(job, route, allowed) if b.name not in skip]
+        except BackendBusy as exc:
+            if errors:
+                raise final_error(errors, out_of_time=False) from None
+            raise Deferred(await self._defer(p, owner, exc.retry_after)) from None
+        for backend in candidates:
+            if not self.health.admits(backend.name):
+                continue
+            tried.append(backend.name)
+            logs.append(f"Attempt {len(tried)} on {backend.name}.")
+            outcome = await self._attempt(backend, job, p, owner, ref=None)
+            if isinstance(outcome, ImageResult):
+                return backend, outcome
+            logs.append(f"{backend.name} failed: {outcome.message}")
+            errors.append(outcome)
+        if not tried:  # every candidate became ineligible (another request took a trial slot)
+            raise Deferred(await self._defer(p, owner, 2))
+        raise final_error(errors, out_of_time=False)
 
-        Nothing runs longer than the request timeout, so anything older is no one's: safe with replicas.
-        """
-        cutoff = utcnow() - timedelta(seconds=self.timeout + 60)
-        async with self.sessions() as session:
-            stale = await repo.stale_predictions(session, before=cutoff)
-        for prediction in stale:
-            await self._settle_failure(
-                prediction, prediction.backend, time.monotonic(), "failed", "abandoned: the gateway stopped", 0
-            )
-        if stale:
-            log.warning("settled %d abandoned predictions as failed", len(stale))
-        return len(stale)
-
-    async def _attempt(self, backend: Backend, job: ImageJob, timeout: float) -> ImageResult | GatewayError:
+    async def _attempt(
+        self, backend: Backend, job: ImageJob, p: Prediction, owner: str, *, ref: dict[str, Any] | None
+    ) -> ImageResult | GatewayError:
         """One try on one backend: its result, or the error to fail over with (health is updated either way).
 
         An input error is raised instead: it would fail the same way everywhere.
         """
         t0 = time.monotonic()
+        timeout = self.attempt_timeout
         try:
             with self.health.attempt(backend.name):
-                result = await backend.generate(job, timeout=timeout)
+                if isinstance(backend, ProviderBackend):
+                    if ref is None:
+                        ref = await backend.submit(job, timeout=timeout)
+                        # Committed before waiting: a restart re-attaches to this job instead of submitting again.
+                        await self._hold(p, owner, backend.name, ref)
+                    try:
+                        result = await backend.collect(job, ref, timeout=timeout)
+                    except GatewayError:
+                        await backend.cancel(ref)  # it may still be running, and billing
+                        await self._hold(p, owner, backend.name, None)
+                        raise
+                else:
+                    result = await backend.generate(job, timeout=timeout)
         except BackendInputError:
             self.health.success(backend.name, None)  # the backend is fine; the input is not
             raise
@@ -233,6 +285,8 @@ class ImageService:
             log.warning("attempt on %s failed: %s", backend.name, exc.message)
             self.health.failure(backend.name, exc.message)
             return exc
+        except (LeaseLost, asyncio.CancelledError):
+            raise
         except Exception as exc:  # a bug or an answer no adapter anticipated: still fail over
             log.exception("attempt on %s raised", backend.name)
             self.health.failure(backend.name, type(exc).__name__)
@@ -240,35 +294,157 @@ class ImageService:
         self.health.success(backend.name, time.monotonic() - t0)
         return result
 
-    async def _settle_success(
-        self,
-        prediction: Prediction,
-        served: Backend,
-        job: ImageJob,
-        result: ImageResult,
-        stored: list[StoredFile],
-        model: str,
-        attempts: int,
-        latency_ms: int,
-        gpu_seconds: float | None,
-    ) -> None:
+    async def _hold(self, p: Prediction, owner: str, backend: str, ref: dict[str, Any] | None) -> None:
         async with self.sessions.begin() as session:
-            await repo.finish_prediction(
-                session,
-                prediction=prediction,
-                status="succeeded",
-                backend=served.name,
-                latency_ms=latency_ms,
-                price_usd=price_usd(
-                    self.prices, model=model, width=result.width, height=result.height, images=len(stored)
-                ),
-                cost_usd=self.cost(served, job, gpu_seconds),
-                attempts=attempts,
-                images=len(stored),
-                width=result.width,
-                height=result.height,
-                files=stored,
+            held = await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
+        if not held:
+            if ref is not None and isinstance(b := self.backends.get(backend), ProviderBackend):
+                await b.cancel(ref)
+            raise LeaseLost(p.id)
+        p.provider_backend, p.provider_ref = backend, ref
+
+    async def _cancel_provider_job(self, p: Prediction) -> None:
+        backend = self.backends.get(p.provider_backend or "")
+        if p.provider_ref is not None and isinstance(backend, ProviderBackend):
+            await backend.cancel(p.provider_ref)
+
+    async def _defer(self, p: Prediction, owner: str, seconds: float) -> Finished:
+        until = utcnow() + timedelta(seconds=max(0.5, seconds))
+        async with self.sessions.begin() as session:
+            await queue.defer(session, prediction_id=p.id, owner=owner, until=until)
+        return Finished(p, [], deferred=True)
+
+    async def _current(self, p: Prediction) -> Finished:
+        async with self.sessions() as session:
+            row = await queue.load(session, prediction_id=p.id) or p
+            files = list(await repo.list_files(session, prediction_id=p.id))
+        return Finished(row, files, error=None if row.status == "succeeded" else error_from(row))
+
+    async def _succeed(
+        self,
+        p: Prediction,
+        owner: str,
+        job: ImageJob,
+        served: Backend,
+        result: ImageResult,
+        started: float,
+        logs: list[str],
+        tried: list[str],
+    ) -> Finished:
+        stored = await asyncio.to_thread(self._save_all, p, result)
+        gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
+        latency_ms = int((time.monotonic() - started) * 1000)
+        logs.append(f"Succeeded on {served.name}.")
+        try:
+            # Shielded: once the images exist, a cancellation must not stop their rows from landing.
+            won = await asyncio.shield(
+                self._settle(
+                    p,
+                    owner,
+                    status="succeeded",
+                    backend=served.name,
+                    latency_ms=latency_ms,
+                    price_usd=price_usd(
+                        self.prices, model=p.model, width=result.width, height=result.height, images=len(stored)
+                    ),
+                    cost_usd=self.cost(served, job, gpu_seconds),
+                    attempts=p.attempts + len(tried),
+                    images=len(stored),
+                    width=result.width,
+                    height=result.height,
+                    files=stored,
+                    logs=logs,
+                )
             )
+        except Exception:
+            won = False
+            log.exception("could not record the success of prediction %s", p.id)
+        if not won:
+            for f in stored:  # the rows never landed, so neither should the files
+                self.files.delete(f.path)
+            current = await self._current(p)
+            if current.prediction.status in queue.ACTIVE and current.prediction.lease_owner == owner:
+                # Still ours, so the settle itself failed: record a failure (unbilled) instead.
+                error = BackendFailed("The image was made but could not be stored; it is not billed.")
+                return await self._fail(p, owner, started, "failed", error, logs, tried)
+            return current  # someone else settled it: report what they recorded, never a success we did not land
+        return Finished(p, stored, images=result.images)
+
+    async def _fail(
+        self,
+        p: Prediction,
+        owner: str,
+        started: float,
+        status: str,
+        error: GatewayError | None,
+        logs: list[str],
+        tried: list[str],
+    ) -> Finished:
+        try:
+            won = await self._settle(
+                p,
+                owner,
+                status=status,
+                backend=p.provider_backend or (tried[-1] if tried else None),
+                latency_ms=int((time.monotonic() - started) * 1000),
+                price_usd=Decimal(0),
+                attempts=p.attempts + len(tried),
+                images=0,
+                width=p.width,
+                height=p.height,
+                error=error.message[:2000] if error else None,
+                error_code=error.code if error else None,
+                logs=logs,
+            )
+        except Exception:
+            log.exception("could not record the end of prediction %s", p.id)
+            won = False
+        if not won:
+            return await self._current(p)
+        return Finished(p, [], error=error or error_from(p))
+
+    async def cancel_waiting(self, p: Prediction) -> bool:
+        """Cancel a job no runner has claimed; False if one claimed it first (its runner cancels it then)."""
+        return await self._settle(
+            p,
+            None,
+            expected=("starting",),
+            logs=["Canceled before it started."],
+            status="canceled",
+            backend=None,
+            latency_ms=0,
+            price_usd=Decimal(0),
+            images=0,
+            width=p.width,
+            height=p.height,
+            attempts=p.attempts,
+        )
+
+    async def _settle(
+        self,
+        p: Prediction,
+        owner: str | None,
+        *,
+        logs: list[str],
+        expected: Sequence[str] = queue.ACTIVE,
+        **fields: Any,
+    ) -> bool:
+        """The one guarded write that ends a job, with its usage event and webhook events, in one transaction."""
+        text = (p.logs or "") + "".join(f"{line}\n" for line in logs)
+        files: Sequence[StoredFile] = fields.get("files", ())
+        async with self.sessions.begin() as session:
+            won = await repo.finish_prediction(
+                session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
+            )
+            if not won:
+                return False
+            for key in ("status", "backend", "latency_ms", "attempts", "width", "height", "error", "error_code"):
+                if key in fields:
+                    setattr(p, key, fields[key])
+            p.logs, p.completed_at, p.lease_owner = text, utcnow(), None
+            if self.on_settle is not None:
+                await self.on_settle(session, p, files)
+        return True
 
     def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
         stored: list[StoredFile] = []
@@ -294,23 +470,15 @@ class ImageService:
             )
         return stored
 
-    async def _settle_failure(
-        self, prediction: Prediction, backend: str | None, started: float, status: str, error: str, attempts: int
-    ) -> None:
-        try:
-            async with self.sessions.begin() as session:
-                await repo.finish_prediction(
-                    session,
-                    prediction=prediction,
-                    status=status,
-                    backend=backend,
-                    latency_ms=int((time.monotonic() - started) * 1000),
-                    price_usd=Decimal(0),
-                    attempts=attempts,
-                    images=0,
-                    width=prediction.width,
-                    height=prediction.height,
-                    error=error[:2000],
-                )
-        except Exception:
-            log.exception("could not record the failure of prediction %s", prediction.id)
+
+class Deferred(Exception):
+    """No backend had room: the job went back to the queue (carries what to report)."""
+
+    def __init__(self, finished: Finished) -> None:
+        super().__init__("deferred")
+        self.finished = finished
+
+
+def at(seconds: float | None, *, now: datetime | None = None) -> datetime | None:
+    """``seconds`` from now as a moment, or None."""
+    return None if seconds is None else (now or utcnow()) + timedelta(seconds=seconds)

@@ -53,7 +53,7 @@ class BodyLimitMiddleware:
         too_large = PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(too_large)(scope, receive, send)
+            await error_response(too_large, scope["path"])(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -64,7 +64,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await error_response(too_large, scope["path"])(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

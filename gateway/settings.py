@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(default=300.0, gt=0)
     prices_usd_per_megapixel: dict[str, Decimal] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
+    # The job engine (gateway/engine.py).
+    job_lease_seconds: float = Field(default=30.0, ge=1, description="a dead replica's jobs are taken over after")
+    job_poll_seconds: float = Field(default=1.0, gt=0, description="how often idle runners look for due jobs")
+    job_concurrency: int = Field(default=1000, ge=1, description="jobs one process runs (or waits on) at once")
+
     # Routing, health and failover.
     route: str = Field(default="cheapest", description="default policy: cheapest, fastest, or a name list")
     attempt_timeout_seconds: float = Field(default=120.0, gt=0)
@@ -127,7 +132,39 @@ class Settings(BaseSettings):
     provider_poll_seconds: float = Field(default=0.5, gt=0)
     provider_max_in_flight: int = Field(default=64, ge=1)
 
-    @field_validator("backends", "local_variants", "worker_urls", "worker_variants", mode="before")
+    # Outbound requests (gateway/outbound.py).
+    # Webhooks may only reach public addresses, unless inside one of these CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32).
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = []
+    # Where provider outputs may be downloaded from: a host, "*.host" (any subdomain; both https on 443 only), or
+    # an explicit origin such as http://127.0.0.1:8123. Defaults are the providers' documented delivery hosts.
+    replicate_output_hosts: Annotated[list[str], NoDecode] = ["replicate.delivery", "*.replicate.delivery"]
+    fal_output_hosts: Annotated[list[str], NoDecode] = ["fal.media", "*.fal.media"]
+    output_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    output_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        networks = []
+        for entry in value:
+            try:
+                networks.append(str(ipaddress.ip_network(entry, strict=False)))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a network in CIDR form, such as 10.0.0.0/8 or fd00::/8") from None
+        return networks
+
+    @field_validator(
+        "backends",
+        "local_variants",
+        "worker_urls",
+        "worker_variants",
+        "webhook_allowed_networks",
+        "replicate_output_hosts",
+        "fal_output_hosts",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)

@@ -8,9 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
+from gateway.engine import Engine
 from gateway.health import HealthBoard
-from gateway.jobs import ImageService
+from gateway.jobs import JobRunner
 from gateway.metering import RateLimiter
+from gateway.outbound import NetworkPolicy
 from gateway.settings import Settings
 from gateway.storage.files import FileStore, UrlSigner
 
@@ -24,6 +26,8 @@ class AppState:
     signer: UrlSigner
     backends: list[Backend]
     health: HealthBoard
-    images: ImageService
+    runner: JobRunner
+    jobs: Engine
     authenticator: ApiKeyAuthenticator
     rate_limiter: RateLimiter
+    outbound: NetworkPolicy

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,9 +16,11 @@ from PIL import Image
 from gateway.backends.base import BackendInputError, ImageJob
 from gateway.backends.fal import FalBackend, fal_input
 from gateway.backends.remote import check, normalise, retry_after, send
-from gateway.backends.replicate import replicate_input
+from gateway.backends.replicate import ReplicateBackend, replicate_input
 from gateway.backends.worker import WorkerBackend
-from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable
+from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
+from tests.fakes.fal import FakeFal
+from tests.fakes.replicate import FakeReplicate
 from tests.fakes.server import make_image
 
 JOB = ImageJob(variant="fast", prompt="a fox", width=1360, height=768, seed=9, output_format="jpeg", quality=80)
@@ -189,3 +192,175 @@ def test_broken_answers_become_backend_failures() -> None:
         asyncio.run(run())
     with pytest.raises(BackendFailed, match="usable image"):
         normalise([b"\x89PNG garbage"], "png", 90, "fal")
+
+
+# --- Provider jobs that survive a restart: submit, commit the reference, collect from another backend object ---
+
+REPLICATE_MODELS = {"fast": "prunaai/hidream-l1-fast"}
+FAL_APPS = {"fast": "fal-ai/hidream-i1-fast"}
+SQUARE = ImageJob(variant="fast", prompt="a fox", width=1024, height=1024, seed=7, n=2, output_format="png")
+
+
+@pytest.fixture
+def fake_replicate() -> Iterator[FakeReplicate]:
+    with FakeReplicate() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_fal() -> Iterator[FakeFal]:
+    with FakeFal() as fake:
+        yield fake
+
+
+def _replicate(client: httpx.AsyncClient, fake: FakeReplicate) -> ReplicateBackend:
+    return ReplicateBackend(
+        client, token=fake.token, models=REPLICATE_MODELS, base_url=fake.url, poll_seconds=0.02, output_hosts=[fake.url]
+    )
+
+
+def _fal(client: httpx.AsyncClient, fake: FakeFal) -> FalBackend:
+    return FalBackend(
+        client, key=fake.key, apps=FAL_APPS, base_url=fake.url, poll_seconds=0.02, output_hosts=[fake.url]
+    )
+
+
+async def _fresh_process(make: Any, fake: Any, job: ImageJob, stored: str) -> Any:
+    """What a restarted gateway does: a new client and backend, and the reference read back from the database."""
+    async with httpx.AsyncClient() as client:
+        return await make(client, fake).collect(job, json.loads(stored), timeout=30)
+
+
+@pytest.mark.parametrize("provider", ["replicate", "fal"])
+def test_a_submitted_job_is_collected_by_a_new_backend_without_submitting_again(
+    provider: str, fake_replicate: FakeReplicate, fake_fal: FakeFal
+) -> None:
+    fake: Any = fake_replicate if provider == "replicate" else fake_fal
+    make: Any = _replicate if provider == "replicate" else _fal
+    fake.faults.processing_s = 0.5
+
+    async def submit() -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            return await make(client, fake).submit(SQUARE, timeout=30)  # type: ignore[no-any-return]
+
+    ref = asyncio.run(submit())
+    stored = json.dumps(ref)  # the engine commits this with the job; then the gateway dies
+    result = asyncio.run(_fresh_process(make, fake, SQUARE, stored))
+
+    assert len(result.images) == 2 and (result.width, result.height) == (1024, 1024)
+    if provider == "replicate":
+        assert fake_replicate.creates == 2 and len(ref["predictions"]) == 2  # one prediction per image, once
+    else:
+        assert fake_fal.submits == 1 and set(ref) == {"request_id", "status_url", "response_url", "cancel_url"}
+        assert all(ref[k].startswith(fake_fal.url) for k in ("status_url", "response_url", "cancel_url"))
+
+
+def _replicate_status(fake: FakeReplicate, ref: dict[str, Any]) -> list[str]:
+    return [fake.predictions[pid]["status"] for pid in ref["predictions"]]
+
+
+def _fal_status(fake: FakeFal, ref: dict[str, Any]) -> str:
+    body = httpx.get(ref["status_url"], headers={"Authorization": f"Key {fake.key}"}).json()
+    return "cancelled" if body.get("error_type") == "request_cancelled" else str(body["status"])
+
+
+def test_cancel_takes_provider_jobs_down_and_is_harmless_twice(
+    fake_replicate: FakeReplicate, fake_fal: FakeFal, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_replicate.faults.processing_s = fake_fal.faults.processing_s = 30
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            replicate, fal = _replicate(client, fake_replicate), _fal(client, fake_fal)
+            refs = await replicate.submit(SQUARE, timeout=60), await fal.submit(SQUARE, timeout=60)
+            for _ in range(2):  # the second time, both are already over
+                await replicate.cancel(refs[0])
+                await fal.cancel(refs[1])
+            await replicate.cancel({"predictions": ["../../v1/account"]})  # never raises, sends nothing
+            await fal.cancel({})
+            return refs
+
+    replicate_ref, fal_ref = asyncio.run(run())
+    assert _replicate_status(fake_replicate, replicate_ref) == ["canceled", "canceled"]
+    assert _fal_status(fake_fal, fal_ref) == "cancelled"
+    assert "ALREADY_COMPLETED" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["collect", "generate"])
+def test_only_a_cancelled_generate_cancels_the_provider_job(
+    method: str, fake_replicate: FakeReplicate, fake_fal: FakeFal
+) -> None:
+    """A graceful shutdown cancels ``collect``: the job must live on for another replica. ``generate`` owns its job."""
+    fake_replicate.faults.processing_s = fake_fal.faults.processing_s = 30
+    refs: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            backends: list[Any] = [_replicate(client, fake_replicate), _fal(client, fake_fal)]
+            if method == "collect":
+                refs.extend([await b.submit(SQUARE, timeout=60) for b in backends])
+                tasks = [
+                    asyncio.create_task(b.collect(SQUARE, r, timeout=60)) for b, r in zip(backends, refs, strict=True)
+                ]
+            else:
+                tasks = [asyncio.create_task(b.generate(SQUARE, timeout=60)) for b in backends]
+            while fake_replicate.creates < 2 or fake_fal.submits < 1:  # noqa: ASYNC110 (counters of another thread)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # polling by now
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+    asyncio.run(run())
+    if method == "generate":
+        refs = [{"predictions": list(fake_replicate.predictions)}, {"status_url": _fal_status_url(fake_fal)}]
+    expected = ("canceled", "cancelled") if method == "generate" else ("starting", "IN_QUEUE")
+    assert set(_replicate_status(fake_replicate, refs[0])) == {expected[0]}
+    assert _fal_status(fake_fal, refs[1]) == expected[1]
+
+
+def _fal_status_url(fake: FakeFal) -> str:
+    [request_id] = fake.requests
+    return f"{fake.url}/{FAL_APPS['fast']}/requests/{request_id}/status"
+
+
+def test_collect_past_its_timeout_raises_and_leaves_the_job_running(fake_replicate: FakeReplicate) -> None:
+    fake_replicate.faults.processing_s = 30
+
+    async def run() -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            backend = _replicate(client, fake_replicate)
+            ref = await backend.submit(SQUARE, timeout=60)
+            with pytest.raises(GenerationTimeout):
+                await backend.collect(SQUARE, ref, timeout=0.3)
+            with pytest.raises(BackendFailed, match="reference is malformed"):
+                await backend.collect(SQUARE, {"predictions": ["a/../b"]}, timeout=1)
+            return ref
+
+    ref = asyncio.run(run())
+    assert set(_replicate_status(fake_replicate, ref)) == {"starting"}
+
+
+def test_replicate_submit_cancels_the_predictions_it_made_when_another_create_fails() -> None:
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, dict(request.headers)))
+        if request.url.path.endswith("/cancel"):
+            return httpx.Response(200, json={"id": "p1", "status": "canceled"})
+        seed = json.loads(request.content)["input"]["seed"]
+        if seed == 8:  # the second image's create
+            return httpx.Response(500, json={"detail": "boom"})
+        return httpx.Response(201, json={"id": f"p{seed - 6}", "status": "starting"})
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            backend = ReplicateBackend(client, token="t", models=REPLICATE_MODELS, base_url="https://api.example")
+            await backend.submit(SQUARE, timeout=60)
+
+    with pytest.raises(BackendFailed, match="500"):
+        asyncio.run(run())
+    creates = [headers for method, path, headers in seen if method == "POST" and path.endswith("/predictions")]
+    assert len(creates) == 2 and all("prefer" not in h and h["cancel-after"] == "61s" for h in creates)
+    assert ("POST", "/v1/predictions/p1/cancel") in [(m, p) for m, p, _ in seen]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
-
+from gateway.backends.base import ImageJob
 from gateway.backends.local import LocalBackend
-from gateway.storage import repo
+from gateway.storage import queue
 from gateway.storage.db import open_database, session_factory
-from gateway.storage.models import Prediction, utcnow
+from gateway.storage.models import Prediction, new_id, utcnow
 from inference.runner import HiDreamRunner
 from tests.conftest import Gateway, GatewayFactory
 
@@ -137,37 +137,51 @@ def test_nul_bytes_and_malformed_ids_are_client_errors_on_every_database(gateway
     assert gateway.admin("GET", "/admin/usage", params={"tenant_id": "\u0000"}).status_code == 400
 
 
-def test_predictions_abandoned_by_a_crash_are_settled_unbilled_on_restart(
+def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
     make_gateway: GatewayFactory, database_url: str
 ) -> None:
     first = make_gateway(database_url)
     tenant = first.create_tenant()
 
-    async def leave_one_processing() -> str:
+    async def leave_one_running() -> str:
+        now = utcnow()
+        job = ImageJob(variant="fast", prompt="x", width=1024, height=1024, seed=1, num_inference_steps=2)
+        p = Prediction(
+            id=new_id("gen"),
+            tenant_id=tenant["tenant_id"],
+            api_key_id=tenant["key_id"],
+            model="hidream-i1-fast",
+            status="processing",
+            prompt="x",
+            params={},
+            width=1024,
+            height=1024,
+            n=1,
+            seed=1,
+            attempts=0,
+            created_at=now - timedelta(minutes=1),
+            job=asdict(job),
+            route="cheapest",
+            available_at=now - timedelta(minutes=1),
+            deadline_at=now + timedelta(minutes=5),
+            lease_owner="run_dead",  # a process that died: its lease ran out and nobody renews it
+            lease_expires_at=now - timedelta(seconds=1),
+            started_at=now - timedelta(minutes=1),
+            cancel_requested=False,
+            logs="",
+        )
         async with open_database(database_url) as engine, session_factory(engine).begin() as session:
-            p = await repo.create_prediction(
-                session,
-                tenant_id=tenant["tenant_id"],
-                api_key_id=tenant["key_id"],
-                model="hidream-i1-fast",
-                prompt="x",
-                params={},
-                width=1024,
-                height=1024,
-                n=1,
-                seed=1,
-            )
-            p.created_at = utcnow() - timedelta(hours=1)  # from a process that died an hour ago
-            await session.execute(update(Prediction).where(Prediction.id == p.id).values(created_at=p.created_at))
-            return p.id
+            await queue.insert_job(session, p)
+        return p.id
 
-    stale_id = asyncio.run(leave_one_processing())
-    second = make_gateway(database_url)  # a restart: its start-up pass settles the abandoned prediction
+    stale_id = asyncio.run(leave_one_running())
+    second = make_gateway(database_url)  # a restart: its claim loop takes the job over
     auth = {"Authorization": f"Bearer {tenant['api_key']}"}
-    deadline = time.monotonic() + 10
-    while (body := second.client.get(f"/v1/images/generations/{stale_id}", headers=auth).json())["status"] != "failed":
+    deadline = time.monotonic() + 30
+    while (body := second.client.get(f"/v1/images/generations/{stale_id}", headers=auth).json())[
+        "status"
+    ] != "succeeded":
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
-    assert "abandoned" in body["error"]
     [event] = second.client.get("/v1/usage", headers=auth).json()["data"]
-    assert event["prediction_id"] == stale_id and event["status"] == "failed" and event["price_usd"] == "0.000000"
+    assert event["prediction_id"] == stale_id and event["status"] == "succeeded" and event["price_usd"] != "0.000000"

@@ -42,8 +42,10 @@ def providers(
             "worker_token": WORKER_TOKEN,
             "replicate_api_token": replicate.token,
             "replicate_base_url": replicate.url,
+            "replicate_output_hosts": [replicate.url],  # the fakes serve outputs themselves, over plain http
             "fal_key": fal.key,
             "fal_base_url": fal.url,
+            "fal_output_hosts": [fal.url],
             "provider_poll_seconds": 0.05,
         }
         return make_gateway(database_url, from_settings=True, **(settings | overrides))

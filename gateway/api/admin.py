@@ -144,7 +144,7 @@ async def set_backend_costs(
     backend = next((b for b in state.backends if b.name == name), None)
     if backend is None:
         raise NotFound(f"No backend named '{name}'.")
-    book = state.images.set_costs(backend, {str(variant): cost for variant, cost in body.items()})
+    book = state.runner.set_costs(backend, {str(variant): cost for variant, cost in body.items()})
     return {"name": name, "costs": {variant: cost.model_dump(mode="json") for variant, cost in book.items()}}
 
 

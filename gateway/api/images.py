@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import secrets
@@ -13,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.api.serialize import Text
+from gateway.api.submit import idempotency, wait_while_connected
 from gateway.backends.base import ImageJob
-from gateway.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.engine import JobSpec
+from gateway.errors import GenerationTimeout, InvalidRequest, ModelNotFound, NotFound
+from gateway.jobs import error_from
 from gateway.routing import Route
 from gateway.storage import repo
 from gateway.storage.models import Prediction, StoredFile, is_id
@@ -121,8 +125,13 @@ async def create_image(
     request: Request,
     response: Response,
     route_header: Annotated[str | None, Header(alias="X-HDG-Route")] = None,
-) -> dict[str, Any]:
-    """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions)."""
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions).
+
+    The job is committed before it runs; this call waits on it. With an ``Idempotency-Key``, a retry after a
+    timeout or a dropped connection gets the same job (and one charge) instead of a second one.
+    """
     variant = variant_for_model(body.model)
     if variant is None:
         raise ModelNotFound(
@@ -137,6 +146,7 @@ async def create_image(
     _check_text(body.prompt, "prompt", limit)
     _check_text(body.negative_prompt, "negative_prompt", limit)
     width, height = parse_size(body.size)
+    idem = await idempotency(request, idempotency_key)
 
     state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
 
@@ -154,25 +164,52 @@ async def create_image(
         output_format=body.output_format,
         quality=body.output_compression if body.output_compression is not None else 90,
     )
+    route = resolve_route(route_header, principal.tenant.route or state.settings.route, state)
     params = body.model_dump(exclude={"prompt"}, exclude_none=True) | {
         "seed": seed,
         "size": f"{width}x{height}",
+        "route": str(route),
+        "input": body.model_dump(exclude_none=True),
     }
-    route = resolve_route(route_header, principal.tenant.route or state.settings.route, state)
-    done = await state.images.generate(
-        principal=principal, model=variant.model_id, job=job, params=params | {"route": str(route)}, route=route
-    )
-
     base_url = public_base_url(request, state)
+    spec = JobSpec(model=variant.model_id, job=job, params=params, route=route, api="openai", base_url=base_url)
+    allowed = principal.tenant.allowed_backends
+    submitted = await state.jobs.submit(
+        principal=principal,
+        spec=spec,
+        idempotency=idem,
+        # Fail fast (503 with Retry-After) rather than queue a synchronous call no backend can take now.
+        precheck=lambda: state.runner.candidates(job, route, allowed),
+    )
+    done = await wait_while_connected(
+        request,
+        state.jobs,
+        tenant_id=principal.tenant.id,
+        prediction_id=submitted.prediction.id,
+        timeout=state.settings.request_timeout_seconds + 5,
+        keep_going=idem is not None,
+    )
+    if done is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
+    p = done.prediction
+    if p.status != "succeeded":
+        if p.status in ("starting", "processing"):
+            raise GenerationTimeout(f"Generation {p.id} did not finish in time.")
+        raise done.error or error_from(p)
     b64 = body.response_format == "b64_json"
+    images = done.images
+    if b64 and images is None:  # made by another replica, or an earlier request with the same key
+        images = await asyncio.to_thread(lambda: [state.files.resolve(f.path).read_bytes() for f in done.files])
     data = [
-        _file_entry(f, base_url=base_url, state=state, b64=done.result.images[i] if b64 else None)
+        _file_entry(f, base_url=base_url, state=state, b64=images[i] if b64 and images is not None else None)
         for i, f in enumerate(done.files)
     ]
-    response.headers["X-HDG-Backend"] = done.backend
-    response.headers["X-HDG-Attempts"] = str(done.attempts)
-    response.headers["X-HDG-Prediction-Id"] = done.prediction.id
-    return _prediction_body(done.prediction, data, body.output_format)
+    response.headers["X-HDG-Backend"] = p.backend or ""
+    response.headers["X-HDG-Attempts"] = str(p.attempts)
+    response.headers["X-HDG-Prediction-Id"] = p.id
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _prediction_body(p, data, p.params.get("output_format", body.output_format))
 
 
 @router.get("/v1/images/generations/{prediction_id}")

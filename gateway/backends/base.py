@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from gateway.errors import InvalidRequest
 
@@ -64,3 +64,27 @@ class Backend(Protocol):
     async def ready(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ProviderBackend(Backend, Protocol):
+    """A backend whose jobs live at the provider, so a restarted gateway can re-attach to them.
+
+    Example::
+
+        ref = await backend.submit(job, timeout=120)  # returns as soon as the provider accepted it
+        # ...commit ref (JSON) with the job...
+        result = await backend.collect(job, ref, timeout=120)
+
+    ``submit`` only creates the provider job(s) and returns a small JSON-serialisable reference; if it raises, it
+    has cancelled whatever it created. ``collect`` waits, downloads and decodes; it never cancels the provider job,
+    whatever happens to it (another replica may pick the job up), and raises the same errors as ``generate``.
+    ``cancel`` is best effort: it never raises, and cancelling a finished job is harmless. ``generate`` is
+    ``submit`` then ``collect``, cancelling the provider job if collecting fails or is cancelled.
+    """
+
+    async def submit(self, job: ImageJob, *, timeout: float) -> dict[str, Any]: ...
+
+    async def collect(self, job: ImageJob, ref: dict[str, Any], *, timeout: float) -> ImageResult: ...
+
+    async def cancel(self, ref: dict[str, Any]) -> None: ...

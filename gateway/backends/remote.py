@@ -1,4 +1,4 @@
-"""What every HTTP backend shares: translating vendor answers into gateway errors, once, and fetching outputs."""
+"""What every HTTP backend shares: translating vendor answers into gateway errors, once, and the provider job cycle."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import httpx
 from PIL import Image
 
-from gateway.backends.base import BackendInputError
-from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GatewayError, GenerationTimeout
+from gateway.backends.base import BackendInputError, ImageJob, ImageResult, ProviderBackend
+from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
 
 log = logging.getLogger("hidream_gateway.backends")
 T = TypeVar("T")
@@ -142,17 +142,6 @@ async def decode(blobs: list[bytes], output_format: str, quality: int, backend: 
     return await asyncio.to_thread(normalise, blobs, output_format, quality, backend)
 
 
-async def download(client: httpx.AsyncClient, url: str, backend: str) -> bytes:
-    """Fetch one output (provider URLs expire, so the gateway keeps its own copy)."""
-    try:
-        resp = await client.get(url)
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise BackendFailed(f"{backend}'s output could not be downloaded ({type(exc).__name__}).") from exc
-    if resp.status_code != 200:
-        raise BackendFailed(f"{backend}'s output URL answered {resp.status_code}.")
-    return resp.content
-
-
 async def gather_all(*work: Awaitable[T]) -> list[T]:
     """Run all of ``work`` at once; if one fails, cancel the rest (they may be billing) and raise its error."""
     try:
@@ -172,10 +161,26 @@ async def with_deadline(work: Awaitable[T], *, timeout: float, backend: str) -> 
         raise GenerationTimeout(f"{backend} did not finish within {timeout:.0f} s.") from exc
 
 
-async def best_effort(work: Awaitable[Any], what: str) -> None:
-    """Run a clean-up call (a cancel) that must not turn one failure into another."""
+async def best_effort(work: Awaitable[Any], what: str, *, timeout: float = 5) -> None:
+    """Run a clean-up call (a cancel) that must not turn one failure into another: errors are logged, not raised."""
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(timeout):
             await work
-    except (GatewayError, TimeoutError, httpx.HTTPError) as exc:
+    except Exception as exc:  # a clean-up failing for any reason is only worth a log line
         log.warning("%s failed: %s", what, exc)
+
+
+async def submit_and_collect(backend: ProviderBackend, job: ImageJob, *, timeout: float) -> ImageResult:
+    """``generate`` for a provider backend: submit, collect, and cancel the provider job unless it finished.
+
+    The provider bills while a job runs, so a caller that gives up (an error, the deadline, a cancelled request)
+    takes the job down with it; the cancel is shielded so a cancellation cannot skip it.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ref = await with_deadline(backend.submit(job, timeout=timeout), timeout=timeout, backend=backend.name)
+    try:
+        return await backend.collect(job, ref, timeout=max(0.0, timeout - (loop.time() - started)))
+    except BaseException:
+        await asyncio.shield(backend.cancel(ref))
+        raise

@@ -7,7 +7,19 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -69,6 +81,9 @@ class Tenant(Base):
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
     route: Mapped[str | None] = mapped_column(String(200))  # default routing policy; None: the gateway's
     allowed_backends: Mapped[list[str] | None] = mapped_column(JSON)  # None: every backend
+    # The key webhooks to this tenant are signed with (``whsec_...``); made on first use. It must be readable to
+    # sign with, unlike an API key, so it is a secret of the same standing as the URL-signing key.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -84,14 +99,20 @@ class ApiKey(Base):
 
 
 class Prediction(Base):
+    """One image job, from either API: its input, where it runs, and how it ended (see gateway/jobs.py)."""
+
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_predictions_tenant_created", "tenant_id", "created_at"),
+        # The runner's claim: due jobs of a status, oldest first.
+        Index("ix_predictions_status_available", "status", "available_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("gen"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     model: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # processing | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16))  # starting | processing | succeeded | failed | canceled
     prompt: Mapped[str] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     width: Mapped[int] = mapped_column(Integer)
@@ -104,6 +125,24 @@ class Prediction(Base):
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The job engine's columns.
+    api: Mapped[str] = mapped_column(String(16), default="openai", server_default="openai")  # openai | replicate
+    job: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the ImageJob, as the runner rebuilds it
+    route: Mapped[str] = mapped_column(String(200), default="cheapest", server_default="cheapest")
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # not claimed before this
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # fails (or, with cancel_at, cancels) after
+    cancel_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # Cancel-After: canceled, not failed
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # The provider's own job, committed before the gateway waits on it, so a restart re-attaches to it.
+    provider_backend: Mapped[str | None] = mapped_column(String(32))
+    provider_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    logs: Mapped[str] = mapped_column(Text, default="", server_default="")
+    webhook: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class StoredFile(Base):
@@ -156,3 +195,37 @@ class TenantSpend(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
     spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key``: the first request's fingerprint and the prediction it made (kept 24 h)."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the endpoint and the canonical body
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """One webhook event to send: written with the state change it reports (an outbox), retried until delivered."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))  # webhook-id
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    event: Mapped[str] = mapped_column(String(16))  # start | output | logs | completed
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body, frozen when the event happened
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a sender holds it until then
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

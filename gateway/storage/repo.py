@@ -19,7 +19,6 @@ from gateway.storage.models import (
     Tenant,
     TenantSpend,
     UsageEvent,
-    new_id,
     utcnow,
 )
 
@@ -72,26 +71,8 @@ async def find_key_by_hash(session: AsyncSession, *, key_hash: str) -> tuple[Api
     return (row[0], row[1]) if row is not None else None
 
 
-async def create_prediction(session: AsyncSession, **fields: Any) -> Prediction:
-    """Record a new prediction as ``processing``. A Core insert: this is on every request's hot path."""
-    prediction = Prediction(id=new_id("gen"), status="processing", attempts=0, created_at=utcnow(), **fields)
-    await session.execute(insert(Prediction).values(_columns(prediction)))
-    return prediction
-
-
 def _columns(row: Base) -> dict[str, Any]:
     return {c.key: getattr(row, c.key) for c in row.__table__.columns if getattr(row, c.key) is not None}
-
-
-async def stale_predictions(session: AsyncSession, *, before: datetime, limit: int = 100) -> Sequence[Prediction]:
-    """Predictions still ``processing`` that were created before ``before``."""
-    stmt = (
-        select(Prediction)
-        .where(Prediction.status == "processing", Prediction.created_at < before)
-        .order_by(Prediction.created_at)
-        .limit(limit)
-    )
-    return (await session.scalars(stmt)).all()
 
 
 async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
@@ -114,18 +95,30 @@ async def finish_prediction(
     cost_usd: Decimal = Decimal(0),
     attempts: int = 1,
     error: str | None = None,
+    error_code: str | None = None,
     files: Sequence[StoredFile] = (),
+    expected: Sequence[str] = ("processing",),
+    lease_owner: str | None = None,
+    logs: str | None = None,
 ) -> bool:
     """Settle a prediction: mark it terminal and write its one usage event, in the caller's transaction.
 
-    Only a prediction still ``processing`` is settled, so a retried or concurrent settle bills nothing
-    twice; returns False when it had already been settled.
+    Only a prediction still in one of the ``expected`` states (and, given ``lease_owner``, still held by that
+    runner) is settled, so a retried, concurrent or stale settle bills nothing twice; returns False when it
+    did not win, and then nothing was written.
     """
     now = utcnow()
+    guard = [Prediction.id == prediction.id, Prediction.status.in_(expected)]
+    if lease_owner is not None:
+        guard.append(Prediction.lease_owner == lease_owner)
     settled = await session.execute(
         update(Prediction)
-        .where(Prediction.id == prediction.id, Prediction.status == "processing")
+        .where(*guard)
         .values(
+            error_code=error_code,
+            **({"logs": logs} if logs is not None else {}),
+            lease_owner=None,
+            lease_expires_at=None,
             status=status,
             backend=backend,
             latency_ms=latency_ms,

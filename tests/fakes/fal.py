@@ -156,6 +156,8 @@ class FakeFal:
     - ``faults``: the shared knobs; they apply to queue routes, and only ``output_404`` to ``/files``.
     - ``submits``: how many jobs were accepted; ``requests``: request_id -> what was submitted
       (``app_id``, sub-``path``, raw ``input``, ``webhook_url``, ``priority``, ``request_timeout``).
+    - ``urls_base``: where the status, result and cancel URLs in answers point (default: the host the caller used),
+      to play a provider that names another host; ``output_base``: the same for image URLs in results.
     """
 
     def __init__(self, key: str = "fal_key_id:fal_key_secret") -> None:
@@ -163,6 +165,8 @@ class FakeFal:
         self.faults = Faults()
         self.submits = 0
         self.requests: dict[str, dict[str, Any]] = {}
+        self.urls_base: str | None = None
+        self.output_base: str | None = None
         self._jobs: dict[str, _Job] = {}
         self._stopping = False
         self.server = ServerThread(self._build_app())
@@ -229,7 +233,8 @@ class FakeFal:
 
     def _urls(self, request: Request, job: _Job) -> dict[str, str]:
         # Built from the host the caller used, without any sub-path, as fal does.
-        base = f"{str(request.base_url).rstrip('/')}/{job.app_id}/requests/{job.request_id}"
+        host = self.urls_base or str(request.base_url)
+        base = f"{host.rstrip('/')}/{job.app_id}/requests/{job.request_id}"
         return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
 
     def _queue_position(self, job: _Job, now: float) -> int:
@@ -306,7 +311,7 @@ class FakeFal:
         width, height = job.input.size()
         fmt = job.input.output_format
         content_type = f"image/{fmt}"
-        base = str(request.base_url).rstrip("/")
+        base = (self.output_base or str(request.base_url)).rstrip("/")
         images = []
         for i in range(job.input.num_images):
             if job.input.sync_mode:

@@ -172,6 +172,9 @@ class FakeReplicate:
     A prediction is ``starting`` for the first quarter of ``faults.processing_s``, then ``processing``, then
     ``succeeded`` (or ``failed`` under ``faults.fail_jobs``). State is derived from the fake's clock whenever it is
     read, so ``advance()`` can jump past a ``Cancel-After`` deadline or the one-hour data removal without sleeping.
+
+    ``urls_base`` and ``output_base`` make new predictions name another host in ``urls`` and in ``output``, to play
+    a provider whose answers point somewhere a gateway must not follow (the fake itself still serves the API).
     """
 
     def __init__(self, token: str = "r8_fake_token") -> None:  # noqa: S107 (a throwaway test token)
@@ -179,6 +182,8 @@ class FakeReplicate:
         self.faults = Faults()
         self.creates = 0  # predictions created (each one is billed on Replicate, even if it fails)
         self.hanging = 0  # requests `faults.hang` is holding right now, so a test can wait until one is held
+        self.urls_base: str | None = None
+        self.output_base: str | None = None
         self._predictions: dict[str, dict[str, Any]] = {}
         self._plans: dict[str, _Plan] = {}
         self._lock = threading.Lock()  # the server thread and the test thread both touch predictions
@@ -221,6 +226,7 @@ class FakeReplicate:
             self._predictions.clear()
             self._plans.clear()
             self.creates, self._offset = 0, 0.0
+            self.urls_base = self.output_base = None
             self.faults.reset()
         deadline = time.monotonic() + 5
         while self.hanging and time.monotonic() < deadline:  # let requests held by a cleared hang go first
@@ -349,7 +355,8 @@ class FakeReplicate:
             )
             prediction.update(status="starting", created_at=_iso(now), data_removed=False, source="api")
             urls = {"get": f"/v1/predictions/{pid}", "cancel": f"/v1/predictions/{pid}/cancel"}
-            prediction["urls"] = {key: self.url + path for key, path in urls.items()} | {"web": f"{WEB}/p/{pid}"}
+            api = self.urls_base or self.url
+            prediction["urls"] = {key: api + path for key, path in urls.items()} | {"web": f"{WEB}/p/{pid}"}
             if cancel_after is not None:
                 prediction["deadline"] = _iso(now + cancel_after)
             self._predictions[pid] = prediction
@@ -447,7 +454,7 @@ class FakeReplicate:
             prediction.update(started_at=_iso(plan.started), logs=f"Using seed: {plan.seed}\n")
             prediction["metrics"]["predict_time"] = at - plan.started
         if status == "succeeded":
-            prediction["output"] = f"{self.url}/files/{prediction['id']}.{plan.fmt}"
+            prediction["output"] = f"{self.output_base or self.url}/files/{prediction['id']}.{plan.fmt}"
         elif status == "failed":
             prediction["error"] = FAILURE
             prediction["logs"] += f"Traceback (most recent call last):\n{FAILURE}\n"

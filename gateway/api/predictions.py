@@ -1,0 +1,370 @@
+"""Replicate-compatible predictions: create (with ``Prefer: wait`` and ``Cancel-After``), get, cancel, list, models.
+
+The official ``replicate`` client works unchanged with its base URL pointed at the gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
+from gateway.api.images import MAX_SEED, _check_text, resolve_route
+from gateway.api.serialize import Text
+from gateway.api.submit import idempotency
+from gateway.auth import Principal
+from gateway.backends.base import ImageJob
+from gateway.engine import JobSpec
+from gateway.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.predictions import MODELS, VERSIONS, iso, prediction_json, resolve
+from gateway.state import AppState
+from gateway.storage import queue, repo
+from gateway.storage.models import Prediction, is_id
+from inference.variants import RESOLUTIONS, Variant, nearest_resolution
+
+router = APIRouter(tags=["predictions"])
+
+_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_RATIO = re.compile(r"^(\d{1,2}):(\d{1,2})$")
+PAGE_SIZE = 100
+
+
+class PredictionInput(BaseModel):
+    """The HiDream model's input. Unknown fields are refused: silently ignoring one would make a different image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(min_length=1)
+    negative_prompt: Text | None = None
+    width: int | None = Field(default=None, ge=64, le=4096)
+    height: int | None = Field(default=None, ge=64, le=4096)
+    aspect_ratio: str | None = None
+    seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)  # -1 or absent: random, as on Replicate
+    num_outputs: int = Field(default=1, ge=1, le=4)
+    output_format: Literal["png", "jpg", "jpeg", "webp"] = "png"
+    output_quality: int = Field(default=90, ge=0, le=100)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+
+
+class CreatePrediction(BaseModel):
+    """``POST /v1/predictions`` and ``POST /v1/models/{owner}/{name}/predictions``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str | None = None
+    input: PredictionInput
+    webhook: str | None = Field(default=None, max_length=2000)
+    webhook_events_filter: list[Literal["start", "output", "logs", "completed"]] | None = None
+    stream: bool | None = None
+
+
+def _size(i: PredictionInput) -> tuple[int, int]:
+    if i.aspect_ratio is not None:
+        if i.width is not None or i.height is not None:
+            raise InvalidRequest("Give either width and height or aspect_ratio, not both.", param="aspect_ratio")
+        match = _RATIO.match(i.aspect_ratio)
+        if not match or int(match[1]) == 0 or int(match[2]) == 0:
+            raise InvalidRequest(
+                f"Invalid aspect_ratio '{i.aspect_ratio}': expected W:H, e.g. 16:9.", param="aspect_ratio"
+            )
+        return nearest_resolution(int(match[1]) * 1000, int(match[2]) * 1000)
+    if (i.width is None) != (i.height is None):
+        raise InvalidRequest("Give both width and height.", param="width" if i.width is None else "height")
+    if i.width is None or i.height is None:
+        return RESOLUTIONS[0]
+    return nearest_resolution(i.width, i.height)
+
+
+def _seconds(header: str, name: str) -> int:
+    match = _DURATION.match(header.strip())
+    if not header.strip() or not match:
+        raise InvalidRequest(f"Invalid {name} header '{header}': use e.g. 30s, 5m or 1h30m.", param=name)
+    h, m, s = (int(g) if g else 0 for g in match.groups())
+    return h * 3600 + m * 60 + s
+
+
+def _wait_seconds(prefer: str | None) -> int | None:
+    """``Prefer: wait`` (60 s) or ``wait=N`` (1-60 s); None when the client does not want to wait."""
+    if prefer is None:
+        return None
+    for part in prefer.split(","):
+        match = _WAIT.match(part)
+        if match:
+            n = int(match[1]) if match[1] else 60
+            if not 1 <= n <= 60:
+                raise InvalidRequest("Prefer: wait=N takes N from 1 to 60 seconds.", param="Prefer")
+            return n
+    return None
+
+
+async def _create(
+    state: AppState,
+    principal: Principal,
+    request: Request,
+    response: Response,
+    body: CreatePrediction,
+    name: str,
+    variant: Variant,
+    prefer: str | None,
+    cancel_after: str | None,
+    key: str | None,
+) -> dict[str, Any]:
+    i = body.input
+    if body.stream:
+        raise InvalidRequest("Streaming output is not supported for image models.", param="stream")
+    if not i.prompt.strip():
+        raise InvalidRequest("'prompt' must not be blank.", param="prompt")
+    _check_text(i.prompt, "prompt", state.settings.max_prompt_chars)
+    _check_text(i.negative_prompt, "negative_prompt", state.settings.max_prompt_chars)
+    if body.webhook is not None:  # refused now with a clear error; checked again (DNS can change) at each send
+        state.outbound.check_syntax(body.webhook)
+        await state.outbound.resolve(body.webhook)
+    wait = _wait_seconds(prefer)
+    after = _seconds(cancel_after, "Cancel-After") if cancel_after is not None else None
+    if after is not None and after < 5:
+        raise InvalidRequest("Cancel-After must be at least 5 seconds.", param="Cancel-After")
+    width, height = _size(i)
+    idem = await idempotency(request, key)
+    state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
+    seed = i.seed if i.seed is not None and i.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+    job = ImageJob(
+        variant=variant.name,
+        prompt=i.prompt,
+        width=width,
+        height=height,
+        seed=seed,
+        n=i.num_outputs,
+        negative_prompt=i.negative_prompt,
+        num_inference_steps=i.num_inference_steps,
+        guidance_scale=i.guidance_scale,
+        output_format="jpeg" if i.output_format == "jpg" else i.output_format,
+        quality=i.output_quality,
+    )
+    route = resolve_route(None, principal.tenant.route or state.settings.route, state)
+    params = {
+        "input": i.model_dump(exclude_none=True),
+        "seed": seed,
+        "size": f"{width}x{height}",
+        "output_format": job.output_format,
+        "route": str(route),
+    }
+    base_url = public_base_url(request, state)
+    spec = JobSpec(
+        model=variant.model_id,
+        job=job,
+        params=params,
+        route=route,
+        api="replicate",
+        base_url=base_url,
+        webhook=body.webhook,
+        webhook_events=list(body.webhook_events_filter) if body.webhook_events_filter is not None else None,
+        cancel_after=after,
+    )
+    submitted = await state.jobs.submit(principal=principal, spec=spec, idempotency=idem)
+    p = submitted.prediction
+    status = None
+    if wait is not None:
+        done = await state.jobs.wait(p.id, timeout=wait)
+        p = done.prediction
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        if p.status not in queue.TERMINAL:
+            status = "starting"  # what Replicate answers when the wait ran out, and its client polls on
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return await _render(state, p, base_url, status=status)
+
+
+async def _render(state: AppState, p: Prediction, base_url: str, *, status: str | None = None) -> dict[str, Any]:
+    files = []
+    if p.status == "succeeded":
+        async with state.sessions() as session:
+            files = list(await repo.list_files(session, prediction_id=p.id))
+    return prediction_json(p, files, signer=state.signer, base_url=base_url, status=status)
+
+
+def _model(owner: str, name: str) -> tuple[str, Variant]:
+    found = resolve(f"{owner}/{name}")
+    if found is None:
+        raise ModelNotFound(f"Model {owner}/{name} not found. Available: {', '.join(sorted(MODELS))}.")
+    return found
+
+
+PreferHeader = Annotated[str | None, Header(alias="Prefer")]
+CancelAfterHeader = Annotated[str | None, Header(alias="Cancel-After")]
+KeyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
+@router.post("/v1/predictions", status_code=201)
+async def create_prediction(
+    body: CreatePrediction,
+    principal: PrincipalDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+    prefer: PreferHeader = None,
+    cancel_after: CancelAfterHeader = None,
+    idempotency_key: KeyHeader = None,
+) -> dict[str, Any]:
+    """Create a prediction; ``version`` names the model (``owner/name``, ``owner/name:<id>`` or a bare id)."""
+    if body.version is None:
+        raise InvalidRequest("'version' is required here.", param="version")
+    found = resolve(body.version)
+    if found is None:
+        raise InvalidRequest(f"Unknown version '{body.version}'. Models: {', '.join(sorted(MODELS))}.", param="version")
+    name, variant = found
+    return await _create(
+        state, principal, request, response, body, name, variant, prefer, cancel_after, idempotency_key
+    )
+
+
+@router.post("/v1/models/{owner}/{name}/predictions", status_code=201)
+async def create_model_prediction(
+    owner: str,
+    name: str,
+    body: CreatePrediction,
+    principal: PrincipalDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+    prefer: PreferHeader = None,
+    cancel_after: CancelAfterHeader = None,
+    idempotency_key: KeyHeader = None,
+) -> dict[str, Any]:
+    """Create a prediction of the model's latest version."""
+    model, variant = _model(owner, name)
+    return await _create(
+        state, principal, request, response, body, model, variant, prefer, cancel_after, idempotency_key
+    )
+
+
+async def _own(session: SessionDep, principal: Principal, prediction_id: str) -> Prediction:
+    p = None
+    if is_id(prediction_id, "gen"):
+        p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    if p is None:  # another tenant's prediction reads exactly like a missing one
+        raise NotFound(f"Prediction {prediction_id} not found.")
+    return p
+
+
+@router.get("/v1/predictions/{prediction_id}")
+async def get_prediction(
+    prediction_id: str, principal: PrincipalDep, session: SessionDep, state: StateDep, request: Request
+) -> dict[str, Any]:
+    """A prediction as it stands now."""
+    p = await _own(session, principal, prediction_id)
+    return await _render(state, p, public_base_url(request, state))
+
+
+@router.post("/v1/predictions/{prediction_id}/cancel")
+async def cancel_prediction(
+    prediction_id: str, principal: PrincipalDep, session: SessionDep, state: StateDep, request: Request
+) -> dict[str, Any]:
+    """Cancel a prediction (and the provider's job, where the provider allows it); a finished one is unchanged."""
+    await _own(session, principal, prediction_id)
+    p = await state.jobs.cancel(tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    if p is None:
+        raise NotFound(f"Prediction {prediction_id} not found.")
+    return await _render(state, p, public_base_url(request, state))
+
+
+def _cursor(direction: str, p: Prediction) -> str:
+    raw = json.dumps([direction, p.created_at.isoformat(), p.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[str, tuple[datetime, str]]:
+    try:
+        direction, at, pid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if direction not in ("b", "a") or not is_id(pid, "gen"):
+            raise ValueError(direction)
+        return direction, (datetime.fromisoformat(at), pid)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest("Invalid cursor.", param="cursor") from exc
+
+
+@router.get("/v1/predictions")
+async def list_predictions(
+    principal: PrincipalDep,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+    cursor: str | None = None,
+    page_size: Annotated[int, Query(ge=1, le=PAGE_SIZE)] = PAGE_SIZE,
+) -> dict[str, Any]:
+    """The caller's predictions, newest first, ``page_size`` (at most 100) a page; ``next``/``previous`` are URLs."""
+    before = after = None
+    if cursor is not None:
+        direction, position = _parse_cursor(cursor)
+        before, after = (position, None) if direction == "b" else (None, position)
+    rows = list(
+        await queue.list_page(session, tenant_id=principal.tenant.id, limit=page_size + 1, before=before, after=after)
+    )
+    more = len(rows) > page_size
+    # Walking backwards the extra row is the newest one (first); forwards, the oldest (last).
+    rows = rows[-page_size:] if after is not None else rows[:page_size]
+    base = public_base_url(request, state).rstrip("/")
+
+    def link(direction: str, p: Prediction) -> str:
+        return f"{base}/v1/predictions?cursor={_cursor(direction, p)}" + (
+            f"&page_size={page_size}" if page_size != PAGE_SIZE else ""
+        )
+
+    older = rows and (more if after is None else True)
+    newer = rows and (cursor is not None if after is None else more)
+    results = [await _render(state, p, base) for p in rows]
+    return {
+        "next": link("b", rows[-1]) if older else None,
+        "previous": link("a", rows[0]) if newer else None,
+        "results": results,
+    }
+
+
+def _version(name: str) -> dict[str, Any]:
+    schema = {
+        "openapi": "3.0.2",
+        "info": {"title": "HiDream-I1", "version": "1"},
+        "paths": {},
+        "components": {
+            "schemas": {
+                "Input": PredictionInput.model_json_schema(),
+                "Output": {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"},
+            }
+        },
+    }
+    # The client reads cog_version to interpret the schema: before cog 0.3.9 an array output meant an iterator.
+    created = iso(datetime(2025, 4, 7, tzinfo=UTC))
+    return {"id": VERSIONS[name], "created_at": created, "cog_version": "0.14.0", "openapi_schema": schema}
+
+
+@router.get("/v1/models/{owner}/{name}")
+async def get_model(owner: str, name: str, principal: PrincipalDep) -> dict[str, Any]:
+    """A model, with its one version's input and output schema."""
+    model, variant = _model(owner, name)
+    return {
+        "url": f"https://huggingface.co/{variant.repo_id}",
+        "owner": model.split("/")[0],
+        "name": model.split("/")[1],
+        "description": f"HiDream-I1 {variant.name}: {variant.steps} steps by default.",
+        "visibility": "public",
+        "run_count": 0,
+        "default_example": None,
+        "latest_version": _version(model),
+    }
+
+
+@router.get("/v1/models/{owner}/{name}/versions/{version_id}")
+async def get_model_version(owner: str, name: str, version_id: str, principal: PrincipalDep) -> dict[str, Any]:
+    """The model's version (the official client reads it when a run names one)."""
+    model, _ = _model(owner, name)
+    if version_id != VERSIONS[model]:
+        raise NotFound(f"Version {version_id} of {model} not found.")
+    return _version(model)

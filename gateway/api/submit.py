@@ -1,0 +1,68 @@
+"""What both create endpoints share: Idempotency-Key handling and waiting on a job while the client is there."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Any
+
+from fastapi import Request
+
+from gateway.engine import Engine
+from gateway.errors import InvalidRequest
+from gateway.jobs import Finished
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces: what Stripe-style keys look like
+
+
+async def idempotency(request: Request, key: str | None) -> tuple[str, str] | None:
+    """(key, fingerprint of this endpoint and body), or None without a key.
+
+    The body is fingerprinted as canonical JSON, so the same request sent with other whitespace or key order
+    is the same request.
+    """
+    if key is None:
+        return None
+    if not _KEY.match(key):
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters without spaces.", param="Idempotency-Key"
+        )
+    try:
+        body: Any = json.loads(await request.body() or b"null")
+    except ValueError:
+        body = None  # FastAPI has already refused a body that is not JSON
+    canonical = json.dumps([request.url.path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return key, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _hung_up(request: Request) -> None:
+    """Return once the client has gone away (the body has already been read, so only a disconnect is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def wait_while_connected(
+    request: Request, engine: Engine, *, tenant_id: str, prediction_id: str, timeout: float, keep_going: bool
+) -> Finished | None:
+    """Wait for the job; None if the client hung up first.
+
+    A client that hangs up without an Idempotency-Key can never collect the result, so its job is canceled (and
+    not billed); with a key, the job goes on and a retry with the key re-attaches to it.
+    """
+    waiter = asyncio.create_task(engine.wait(prediction_id, timeout=timeout))
+    gone = asyncio.create_task(_hung_up(request))
+    try:
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiter.done():
+            waiter.cancel()
+    if waiter.done() and not waiter.cancelled():
+        return waiter.result()
+    if not keep_going:
+        await asyncio.shield(engine.cancel(tenant_id=tenant_id, prediction_id=prediction_id))
+    return None

@@ -1,0 +1,372 @@
+"""The durable job engine behind both APIs: submit (committed before answering), wait, cancel, and the runner loop.
+
+A job is a ``predictions`` row. The process that accepts a job runs it at once when it has room (holding its
+lease from the insert on); otherwise any replica's claim loop takes it. A heartbeat renews every lease this process
+holds in one statement and brings back cancel requests; a process that dies stops renewing, and once its leases
+expire another replica claims the jobs and re-attaches to any provider job already submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway import webhooks
+from gateway.auth import Principal
+from gateway.backends.base import ImageJob
+from gateway.errors import IdempotencyConflict
+from gateway.jobs import Finished, JobRunner, Why, at, error_from
+from gateway.metering import check_budget
+from gateway.predictions import prediction_json
+from gateway.routing import Route
+from gateway.storage import queue, repo
+from gateway.storage.files import UrlSigner
+from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, utcnow
+
+log = logging.getLogger("hidream_gateway.engine")
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What an API asks the engine to run."""
+
+    model: str  # hidream-i1-fast
+    job: ImageJob
+    params: dict[str, Any]
+    route: Route
+    api: str  # openai | replicate: which shape its clients read
+    base_url: str  # where this gateway's file URLs point, for webhook bodies written without a request
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+    cancel_after: float | None = None  # seconds; Replicate's Cancel-After
+
+
+@dataclass(frozen=True)
+class Submitted:
+    prediction: Prediction
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
+
+
+class Engine:
+    """Submit, wait on and cancel jobs; run this process's share of them.
+
+    Example::
+
+        engine = Engine(sessions=sessions, runner=runner, signer=signer, timeout=300)
+        await engine.start()
+        submitted = await engine.submit(principal=p, spec=spec, idempotency=None)
+        done = await engine.wait(submitted.prediction.id, timeout=60)
+        await engine.stop()
+    """
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        runner: JobRunner,
+        signer: UrlSigner,
+        timeout: float,
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 1.0,
+        concurrency: int = 1000,
+        owner: str | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.runner = runner
+        self.signer = signer
+        self.timeout = timeout
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.concurrency = concurrency
+        self.owner = owner or f"run_{secrets.token_hex(8)}"
+        self.webhook_wake = asyncio.Event()  # set when a delivery was written, so the sender goes at once
+        self._tasks: dict[str, asyncio.Task[Finished]] = {}
+        self._spawned: dict[str, float] = {}
+        self._why: dict[str, Why] = {}
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        runner.on_settle = self._on_settle
+
+    # -- the API side ------------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        *,
+        principal: Principal,
+        spec: JobSpec,
+        idempotency: tuple[str, str] | None = None,
+        precheck: Callable[[], object] | None = None,
+    ) -> Submitted:
+        """Commit a job (or find the one an earlier request with the same key made) and start it if there is room.
+
+        ``precheck`` runs after an idempotent replay was ruled out and before anything is written; what it raises
+        refuses the request.
+        """
+        now = utcnow()
+        direct = not self._stopping and len(self._tasks) < self.concurrency
+        p = Prediction(
+            id=new_id("gen"),
+            tenant_id=principal.tenant.id,
+            api_key_id=principal.key.id,
+            model=spec.model,
+            status="processing" if direct else "starting",
+            prompt=spec.job.prompt,
+            params=spec.params | {"base_url": spec.base_url, "allowed_backends": principal.tenant.allowed_backends},
+            width=spec.job.width,
+            height=spec.job.height,
+            n=spec.job.n,
+            seed=spec.job.seed,
+            attempts=0,
+            created_at=now,
+            api=spec.api,
+            job=asdict(spec.job),
+            route=str(spec.route),
+            available_at=now,
+            deadline_at=at(self.timeout, now=now),
+            cancel_at=at(spec.cancel_after, now=now),
+            lease_owner=self.owner if direct else None,
+            lease_expires_at=at(self.lease_seconds, now=now) if direct else None,
+            started_at=now if direct else None,
+            cancel_requested=False,
+            logs="",
+            webhook=spec.webhook,
+            webhook_events=spec.webhook_events,
+        )
+        try:
+            async with self.sessions.begin() as session:
+                if idempotency is not None:
+                    earlier = await self._earlier(session, principal, idempotency)
+                    if earlier is not None:
+                        return Submitted(earlier, replayed=True)
+                if precheck is not None:
+                    precheck()
+                # One transaction: the budget check and the record of the work it admits.
+                await check_budget(session, tenant=principal.tenant, now=now)
+                await queue.insert_job(session, p)
+                if idempotency is not None:
+                    key, fingerprint = idempotency
+                    session.add(
+                        IdempotencyKey(
+                            tenant_id=principal.tenant.id,
+                            key=key,
+                            fingerprint=fingerprint,
+                            prediction_id=p.id,
+                            created_at=now,
+                        )
+                    )
+                    await session.flush()  # a concurrent duplicate fails here, on the key's primary key
+                await self._event(session, p, "start", ())
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            async with self.sessions() as session:  # the other request's transaction committed first
+                earlier = await self._earlier(session, principal, idempotency)
+            if earlier is None:
+                raise
+            return Submitted(earlier, replayed=True)
+        if direct:
+            self._spawn(p)
+        else:
+            self._wake.set()
+        return Submitted(p, replayed=False)
+
+    async def _earlier(
+        self, session: AsyncSession, principal: Principal, idempotency: tuple[str, str]
+    ) -> Prediction | None:
+        key, fingerprint = idempotency
+        row = await queue.find_idempotency(session, tenant_id=principal.tenant.id, key=key)
+        if row is None:
+            return None
+        cutoff = utcnow() - IDEMPOTENCY_TTL
+        if row.created_at < cutoff:  # expired: the key may be used again
+            await queue.drop_idempotency(session, tenant_id=principal.tenant.id, key=key, before=cutoff)
+            return None
+        if row.fingerprint != fingerprint:
+            raise IdempotencyConflict(
+                "This Idempotency-Key was already used with a different request body; use a new key."
+            )
+        return await queue.load(session, prediction_id=row.prediction_id)
+
+    async def wait(self, prediction_id: str, *, timeout: float) -> Finished:
+        """The job once it is terminal, or as it stands after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            task = self._tasks.get(prediction_id)
+            if task is not None and remaining > 0:
+                done, _ = await asyncio.wait({task}, timeout=remaining)
+                if done and not task.cancelled() and task.exception() is None and not task.result().deferred:
+                    return task.result()
+                if not done:
+                    remaining = 0
+            async with self.sessions() as session:
+                row = await queue.load(session, prediction_id=prediction_id)
+                if row is None:
+                    raise LookupError(prediction_id)
+                files = list(await repo.list_files(session, prediction_id=row.id)) if row.status == "succeeded" else []
+            if row.status in queue.TERMINAL:
+                return Finished(row, files, error=None if row.status == "succeeded" else error_from(row))
+            if remaining <= 0 or deadline - time.monotonic() <= 0:
+                return Finished(row, files)
+            if prediction_id not in self._tasks:  # running elsewhere (or waiting to be claimed): poll
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 1.0)
+
+    async def cancel(self, *, tenant_id: str, prediction_id: str) -> Prediction | None:
+        """Cancel a job wherever it runs; a finished one is returned unchanged. None if there is no such job."""
+        async with self.sessions.begin() as session:
+            flagged = await queue.request_cancel(session, tenant_id=tenant_id, prediction_id=prediction_id)
+        if flagged:
+            async with self.sessions() as session:
+                row = await queue.load(session, prediction_id=prediction_id)
+            if row is not None and row.status == "starting":
+                await self.runner.cancel_waiting(row)
+            task = self._tasks.get(prediction_id)
+            if task is not None:  # running here; elsewhere, that replica's heartbeat brings back the flag
+                self._why[prediction_id] = "cancel"
+                task.cancel()
+                await asyncio.wait({task}, timeout=10)
+        async with self.sessions() as session:
+            row = await repo.get_prediction(session, tenant_id=tenant_id, prediction_id=prediction_id)
+            if row is not None:
+                await session.refresh(row)
+            return row
+
+    def running_here(self, prediction_id: str) -> bool:
+        """Whether this process is running the job now."""
+        return prediction_id in self._tasks
+
+    # -- the runner side ---------------------------------------------------------------------------------------
+
+    def _spawn(self, p: Prediction) -> None:
+        allowed = p.params.get("allowed_backends")
+        task = asyncio.create_task(
+            self.runner.execute(p, owner=self.owner, allowed=allowed, why=lambda: self._why.get(p.id)),
+            name=f"job {p.id}",
+        )
+        self._tasks[p.id] = task
+        self._spawned[p.id] = time.monotonic()
+        task.add_done_callback(lambda _: self._forget(p.id))
+
+    def _forget(self, prediction_id: str) -> None:
+        self._tasks.pop(prediction_id, None)
+        self._spawned.pop(prediction_id, None)
+        self._why.pop(prediction_id, None)
+        self._wake.set()  # a slot is free
+
+    async def start(self) -> None:
+        """Start the claim loop, the lease heartbeat and the idempotency-key purge."""
+        self._loops = [
+            asyncio.create_task(self._claim_forever(), name="job claims"),
+            asyncio.create_task(self._heartbeat_forever(), name="job leases"),
+            asyncio.create_task(self._purge_forever(), name="idempotency purge"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop taking jobs; hand the running ones to other replicas (their provider jobs keep running)."""
+        self._stopping = True
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        running = dict(self._tasks)
+        for pid, task in running.items():
+            self._why[pid] = "shutdown"
+            task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
+        try:
+            async with self.sessions.begin() as session:
+                await queue.release(session, owner=self.owner, ids=list(running))
+        except Exception:
+            log.exception("could not release %d jobs; they are taken over when their leases expire", len(running))
+
+    async def claim_once(self) -> int:
+        """Claim and start as many due jobs as there is room for; returns how many."""
+        free = self.concurrency - len(self._tasks)
+        if free <= 0 or self._stopping:
+            return 0
+        async with self.sessions.begin() as session:
+            claimed = await queue.claim_due(
+                session, owner=self.owner, lease_seconds=self.lease_seconds, limit=min(free, 100)
+            )
+        for p in claimed:
+            if p.id in self._tasks:
+                # Our own running job, whose lease lapsed before the heartbeat renewed it (a busy loop or a slow
+                # database): the claim has just renewed it. A second task would submit it to the provider again.
+                continue
+            self._spawn(p)
+        return len(claimed)
+
+    async def _claim_forever(self) -> None:
+        while True:
+            try:
+                if await self.claim_once() >= 100:
+                    continue  # more may be due
+            except Exception:
+                log.exception("claiming jobs failed")
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def heartbeat(self) -> None:
+        """Renew this process's leases; stop jobs that were canceled or that another runner took over."""
+        began = time.monotonic()
+        async with self.sessions.begin() as session:
+            held = await queue.renew_leases(session, owner=self.owner, lease_seconds=self.lease_seconds)
+        for pid, task in list(self._tasks.items()):
+            if task.done():
+                continue
+            if held.get(pid):
+                self._why[pid] = "cancel"
+                task.cancel()
+            elif pid not in held and self._spawned.get(pid, began) < began:
+                log.warning("lost the lease on %s; another runner has it", pid)
+                self._why[pid] = "lost"
+                task.cancel()
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.heartbeat()
+            except Exception:
+                log.exception("renewing job leases failed")
+
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                async with self.sessions.begin() as session:
+                    await queue.purge_idempotency(session, before=utcnow() - IDEMPOTENCY_TTL)
+            except Exception:
+                log.exception("purging idempotency keys failed")
+            await asyncio.sleep(3600)
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    async def _on_settle(self, session: AsyncSession, p: Prediction, files: Sequence[StoredFile]) -> None:
+        if p.status == "succeeded":
+            await self._event(session, p, "output", files)
+        await self._event(session, p, "completed", files)
+
+    async def _event(self, session: AsyncSession, p: Prediction, event: str, files: Sequence[StoredFile]) -> None:
+        """Write a webhook delivery in the caller's transaction, if the job asked for this event."""
+        if not p.webhook or not webhooks.wants(p.webhook_events, event):
+            return
+        body = prediction_json(p, files, signer=self.signer, base_url=p.params.get("base_url") or "")
+        await webhooks.enqueue(session, prediction=p, event=event, payload=body)
+        self.webhook_wake.set()

@@ -1,0 +1,280 @@
+"""Replicate's predictions API on the gateway, driven by the official ``replicate`` client over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import replicate
+from PIL import Image
+from replicate.exceptions import ReplicateError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from gateway.predictions import VERSIONS
+from tests.conftest import Gateway, GatewayFactory
+from tests.fakes.fal import FakeFal
+from tests.fakes.server import ServerThread
+
+MODEL = "hidream-ai/hidream-i1-fast"
+INPUT = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2}
+
+
+def _client(gw: Gateway, key: str) -> replicate.Client:
+    return replicate.Client(api_token=key, base_url=gw.url)
+
+
+def _image(url: str) -> Image.Image:
+    resp = httpx.get(url, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return Image.open(io.BytesIO(resp.content))
+
+
+def _usage(gw: Gateway, key: str) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    return data
+
+
+def test_official_client_runs_the_model_by_name_and_by_version(gateway: Gateway) -> None:
+    key = gateway.create_tenant()["api_key"]
+    client = _client(gateway, key)
+
+    output = client.run(MODEL, input=INPUT)
+    assert isinstance(output, list) and len(output) == 1
+    assert _image(output[0]).size == (1024, 1024)
+
+    pinned = client.run(
+        f"{MODEL}:{VERSIONS[MODEL]}", input=INPUT | {"num_outputs": 2, "aspect_ratio": "16:9", "output_format": "jpg"}
+    )
+    assert len(pinned) == 2
+    assert {_image(u).format for u in pinned} == {"JPEG"}
+    assert _image(pinned[0]).size == (1360, 768)
+    usage = _usage(gateway, key)
+    assert [e["images"] for e in usage] == [1, 2] and all(e["status"] == "succeeded" for e in usage)
+
+
+def test_create_wait_get_and_list(gateway: Gateway) -> None:
+    key = gateway.create_tenant()["api_key"]
+    client = _client(gateway, key)
+    prediction = client.predictions.create(model=MODEL, input=INPUT | {"seed": 7})
+    assert prediction.status in ("starting", "processing", "succeeded")
+    assert prediction.urls is not None and prediction.urls["get"].endswith(f"/v1/predictions/{prediction.id}")
+    prediction.wait()
+    assert prediction.status == "succeeded", prediction.error
+    assert prediction.metrics is not None and prediction.metrics["predict_time"] >= 0
+    assert prediction.input == INPUT | {"seed": 7, "num_outputs": 1, "output_format": "png", "output_quality": 90}
+    assert "Succeeded on local" in (prediction.logs or "")
+    again = client.predictions.get(prediction.id)
+    assert again.status == "succeeded" and again.completed_at is not None
+    assert _image(again.output[0]).format == "PNG"
+    listed = client.predictions.list()
+    assert [p.id for p in listed.results] == [prediction.id]
+
+    other = _client(gateway, gateway.create_tenant("other")["api_key"])
+    with pytest.raises(ReplicateError) as caught:
+        other.predictions.get(prediction.id)
+    assert caught.value.status == 404
+    assert other.predictions.list().results == []
+
+
+def test_list_pages_with_full_cursor_urls_both_ways(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    key = gw.create_tenant()["api_key"]
+    client = _client(gw, key)
+    made = [client.predictions.create(model=MODEL, input=INPUT | {"seed": i}) for i in range(5)]
+    for p in made:
+        p.wait()
+    auth = {"Authorization": f"Bearer {key}"}
+    first = gw.client.get("/v1/predictions?page_size=2", headers=auth).json()
+    assert first["previous"] is None and first["next"].startswith(gw.url + "/v1/predictions?cursor=")
+    seen = [r["id"] for r in first["results"]]
+    pages = [first]
+    page = first
+    while page["next"]:
+        page = httpx.get(page["next"], headers=auth).json()  # fetched as-is, like the official client
+        pages.append(page)
+        seen += [r["id"] for r in page["results"]]
+    assert seen == [p.id for p in reversed(made)]  # newest first, each once
+    back = httpx.get(pages[-1]["previous"], headers=auth).json()
+    assert [r["id"] for r in back["results"]] == [r["id"] for r in pages[-2]["results"]]
+    bad = gw.client.get("/v1/predictions?cursor=bm9wZQ", headers=auth)
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+
+
+def test_errors_are_problem_json(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    key = gw.create_tenant()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    cases = [
+        (None, "POST", "/v1/predictions", {"version": MODEL, "input": INPUT}, 401),
+        (auth, "POST", "/v1/models/hidream-ai/nope/predictions", {"input": INPUT}, 404),
+        (auth, "POST", "/v1/predictions", {"version": "a/b", "input": INPUT}, 422),
+        (auth, "POST", f"/v1/models/{MODEL}/predictions", {"input": {"prompt": "x", "speed": 1}}, 422),
+        (auth, "POST", f"/v1/models/{MODEL}/predictions", {"input": {}}, 422),
+        (auth, "POST", f"/v1/models/{MODEL}/predictions", {"input": INPUT | {"width": 512}}, 422),
+        (auth, "GET", "/v1/predictions/gen_000000000000000000000000", None, 404),
+        (auth, "GET", "/v1/predictions/not-an-id", None, 404),
+    ]
+    for headers, method, path, body, status in cases:
+        resp = gw.client.request(method, path, json=body, headers=headers)
+        assert resp.status_code == status, (path, resp.text)
+        assert resp.headers["content-type"] == "application/problem+json", path
+        problem = resp.json()
+        assert problem["status"] == status and problem["title"] and problem["detail"], problem
+    wrong = gw.client.post(
+        f"/v1/models/{MODEL}/predictions", json={"input": INPUT | {"num_outputs": 9}}, headers=auth
+    ).json()
+    assert wrong["invalid_fields"][0]["field"].endswith("num_outputs")
+    client = _client(gw, key)
+    with pytest.raises(ReplicateError) as caught:
+        client.run("hidream-ai/hidream-i1-huge", input=INPUT)
+    assert caught.value.status == 404
+    # The OpenAI side keeps OpenAI's error shape.
+    openai_error = gw.client.post("/v1/images/generations", json={"prompt": ""}, headers=auth).json()
+    assert openai_error["error"]["type"] == "invalid_request_error"
+
+
+@pytest.fixture
+def fal() -> Iterator[FakeFal]:
+    with FakeFal() as fake:
+        yield fake
+
+
+@pytest.fixture
+def slow_gateway(make_gateway: GatewayFactory, database_url: str, fal: FakeFal) -> Gateway:
+    """A gateway whose one backend is fake fal, whose jobs take 30 s unless a test changes that."""
+    fal.faults.processing_s = 30
+    return make_gateway(
+        database_url,
+        from_settings=True,
+        backends=["fal"],
+        fal_key=fal.key,
+        fal_base_url=fal.url,
+        fal_output_hosts=[fal.url],
+        provider_poll_seconds=0.05,
+    )
+
+
+def test_prefer_wait_answers_starting_when_the_wait_runs_out(slow_gateway: Gateway, fal: FakeFal) -> None:
+    gw = slow_gateway
+    key = gw.create_tenant()["api_key"]
+    t0 = time.monotonic()
+    resp = gw.client.post(
+        f"/v1/models/{MODEL}/predictions",
+        json={"input": INPUT},
+        headers={"Authorization": f"Bearer {key}", "Prefer": "wait=1"},
+    )
+    assert resp.status_code == 201 and 1 <= time.monotonic() - t0 < 5
+    assert resp.headers["Preference-Applied"] == "wait=1"
+    assert resp.json()["status"] == "starting"  # Replicate's answer, which its client reads as "poll on"
+    fal.faults.processing_s = 0.2
+    done = _client(gw, key).run(MODEL, input=INPUT)
+    assert len(done) == 1
+
+
+def test_cancel_stops_the_provider_job_and_bills_nothing(slow_gateway: Gateway, fal: FakeFal) -> None:
+    gw = slow_gateway
+    key = gw.create_tenant()["api_key"]
+    client = _client(gw, key)
+    prediction = client.predictions.create(model=MODEL, input=INPUT)
+    deadline = time.monotonic() + 10
+    while not fal.submits and time.monotonic() < deadline:  # until the provider has the job
+        time.sleep(0.05)
+    prediction.cancel()
+    assert prediction.status == "canceled"
+    assert client.predictions.get(prediction.id).status == "canceled"
+    assert fal.submits == 1 and [job.cancelled for job in fal._jobs.values()] == [True]
+    assert [(e["status"], e["price_usd"]) for e in _usage(gw, key)] == [("canceled", "0.000000")]
+    # Canceling a finished prediction changes nothing.
+    assert client.predictions.cancel(prediction.id).status == "canceled"
+
+
+def test_cancel_after_cancels_a_slow_prediction(slow_gateway: Gateway) -> None:
+    gw = slow_gateway
+    key = gw.create_tenant()["api_key"]
+    resp = gw.client.post(
+        f"/v1/models/{MODEL}/predictions",
+        json={"input": INPUT},
+        headers={"Authorization": f"Bearer {key}", "Cancel-After": "5s"},
+    )
+    assert resp.status_code == 201
+    prediction = _client(gw, key).predictions.get(resp.json()["id"])
+    t0 = time.monotonic()
+    prediction.wait()
+    assert prediction.status == "canceled" and time.monotonic() - t0 < 10
+    assert [(e["status"], e["price_usd"]) for e in _usage(gw, key)] == [("canceled", "0.000000")]
+    bad = gw.client.post(
+        f"/v1/models/{MODEL}/predictions",
+        json={"input": INPUT},
+        headers={"Authorization": f"Bearer {key}", "Cancel-After": "2s"},
+    )
+    assert bad.status_code == 422
+
+
+class Receiver:
+    """A webhook endpoint on a loopback port that keeps what it was sent."""
+
+    def __init__(self) -> None:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+
+        async def hook(request: Request) -> Response:
+            self.calls.append((dict(request.headers), await request.body()))
+            return Response(status_code=204)
+
+        self.server = ServerThread(Starlette(routes=[Route("/hook", hook, methods=["POST"])]))
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.server.start()
+    yield r
+    r.server.stop()
+
+
+def test_webhooks_arrive_signed_and_verifiable(
+    make_gateway: GatewayFactory, database_url: str, receiver: Receiver
+) -> None:
+    gw = make_gateway(database_url, webhook_allowed_networks=["127.0.0.1/32"])
+    key = gw.create_tenant()["api_key"]
+    client = _client(gw, key)
+    secret = gw.client.get("/v1/webhooks/default/secret", headers={"Authorization": f"Bearer {key}"}).json()["key"]
+    assert secret.startswith("whsec_")
+    hook = f"{receiver.server.url}/hook"
+    p = client.predictions.create(model=MODEL, input=INPUT, webhook=hook, webhook_events_filter=["start", "completed"])
+    p.wait()
+    deadline = time.monotonic() + 20
+    while len(receiver.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    verifier = Webhook(secret)
+    bodies = [verifier.verify(body, headers) for headers, body in receiver.calls]
+    assert [b["status"] for b in bodies] == ["processing", "succeeded"]  # start, then completed
+    assert all(b["id"] == p.id for b in bodies) and bodies[1]["output"] == p.output
+    assert len({h["webhook-id"] for h, _ in receiver.calls}) == 2
+    headers, body = receiver.calls[1]
+    with pytest.raises(WebhookVerificationError):
+        verifier.verify(body.replace(b"succeeded", b"failed"), headers)
+    # Without the allow-list, a loopback hook is refused when the prediction is created; nothing is made.
+    strict = make_gateway(database_url)
+    refused = strict.client.post(
+        f"/v1/models/{MODEL}/predictions",
+        json={"input": INPUT, "webhook": hook},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert refused.status_code == 422 and refused.json()["invalid_fields"][0]["field"] == "webhook"
+    for bad in ("ftp://example.com/x", "http://user:pw@example.com/", "http://169.254.169.254/latest/meta-data"):
+        resp = strict.client.post(
+            f"/v1/models/{MODEL}/predictions",
+            json={"input": INPUT, "webhook": bad},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status_code == 422, bad
+    assert len(client.predictions.list().results) == 1
