@@ -94,6 +94,7 @@ class Engine:
         self._tasks: dict[str, asyncio.Task[Finished]] = {}
         self._spawned: dict[str, float] = {}
         self._why: dict[str, Why] = {}
+        self._hooked: set[str] = set()  # jobs whose last transaction wrote a webhook delivery
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -176,6 +177,7 @@ class Engine:
             if earlier is None:
                 raise
             return Submitted(earlier, replayed=True)
+        self._wake_sender(p.id)
         if direct:
             self._spawn(p)
         else:
@@ -208,8 +210,10 @@ class Engine:
             task = self._tasks.get(prediction_id)
             if task is not None and remaining > 0:
                 done, _ = await asyncio.wait({task}, timeout=remaining)
-                if done and not task.cancelled() and task.exception() is None and not task.result().deferred:
-                    return task.result()
+                if done and not task.cancelled() and task.exception() is None:
+                    finished = task.result()
+                    if finished.prediction.status in queue.TERMINAL:
+                        return finished
                 if not done:
                     remaining = 0
             async with self.sessions() as session:
@@ -234,10 +238,12 @@ class Engine:
                 row = await queue.load(session, prediction_id=prediction_id)
             if row is not None and row.status == "starting":
                 await self.runner.cancel_waiting(row)
+                self._wake_sender(row.id)
             task = self._tasks.get(prediction_id)
             if task is not None:  # running here; elsewhere, that replica's heartbeat brings back the flag
-                self._why[prediction_id] = "cancel"
-                task.cancel()
+                if prediction_id not in self._why and not task.cancelling():
+                    self._why[prediction_id] = "cancel"
+                    task.cancel()
                 await asyncio.wait({task}, timeout=10)
         async with self.sessions() as session:
             row = await repo.get_prediction(session, tenant_id=tenant_id, prediction_id=prediction_id)
@@ -261,11 +267,35 @@ class Engine:
         self._spawned[p.id] = time.monotonic()
         task.add_done_callback(lambda _: self._forget(p.id))
 
+    def _wake_sender(self, prediction_id: str) -> None:
+        if prediction_id in self._hooked:
+            self._hooked.discard(prediction_id)
+            self.webhook_wake.set()
+
     def _forget(self, prediction_id: str) -> None:
+        self._wake_sender(prediction_id)
+        task = self._tasks.get(prediction_id)
+        if task is not None and self._why.get(prediction_id) != "shutdown" and not self._settled(task):
+            # It ended without settling (an error, a cancel mid-way): let a runner take it over now.
+            asyncio.get_running_loop().create_task(self._release(prediction_id))
         self._tasks.pop(prediction_id, None)
         self._spawned.pop(prediction_id, None)
         self._why.pop(prediction_id, None)
         self._wake.set()  # a slot is free
+
+    @staticmethod
+    def _settled(task: asyncio.Task[Finished]) -> bool:
+        if task.cancelled() or task.exception() is not None:
+            return False
+        finished = task.result()
+        return finished.deferred or finished.prediction.status in queue.TERMINAL
+
+    async def _release(self, prediction_id: str) -> None:
+        try:
+            async with self.sessions.begin() as session:
+                await queue.release(session, owner=self.owner, ids=[prediction_id])
+        except Exception:
+            log.exception("could not release %s; it is taken over when its lease expires", prediction_id)
 
     async def start(self) -> None:
         """Start the claim loop, the lease heartbeat and the idempotency-key purge."""
@@ -326,11 +356,14 @@ class Engine:
     async def heartbeat(self) -> None:
         """Renew this process's leases; stop jobs that were canceled or that another runner took over."""
         began = time.monotonic()
+        running = [pid for pid, task in self._tasks.items() if not task.done()]
+        if not running:
+            return
         async with self.sessions.begin() as session:
-            held = await queue.renew_leases(session, owner=self.owner, lease_seconds=self.lease_seconds)
+            held = await queue.renew_leases(session, owner=self.owner, ids=running, lease_seconds=self.lease_seconds)
         for pid, task in list(self._tasks.items()):
-            if task.done():
-                continue
+            if task.done() or task.cancelling() or pid in self._why:
+                continue  # already ending; cancelling it again would interrupt its clean-up
             if held.get(pid):
                 self._why[pid] = "cancel"
                 task.cancel()
@@ -369,4 +402,6 @@ class Engine:
             return
         body = prediction_json(p, files, signer=self.signer, base_url=p.params.get("base_url") or "")
         await webhooks.enqueue(session, prediction=p, event=event, payload=body)
-        self.webhook_wake.set()
+        # The sender is woken once this transaction has committed (below and in _forget), not now: woken before,
+        # it would find nothing yet and sleep a whole idle period.
+        self._hooked.add(p.id)

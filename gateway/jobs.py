@@ -182,14 +182,14 @@ class JobRunner:
         try:
             async with asyncio.timeout(max(0.0, (end - utcnow()).total_seconds())):
                 served, result = await self._run(p, job, route, allowed, owner, logs, errors, tried)
+            return await self._succeed(p, owner, job, served, result, started, logs, tried)
         except LeaseLost:
             return await self._current(p)
         except asyncio.CancelledError:
             if why() != "cancel":  # lost or shutting down: another runner continues it, re-attaching to the provider
                 raise
-            await asyncio.shield(self._cancel_provider_job(p))
             logs.append("Canceled.")
-            await asyncio.shield(self._fail(p, owner, started, "canceled", None, logs, tried))
+            await _finish_despite_cancels(self._cancel_and_settle(p, owner, started, logs, tried))
             raise
         except TimeoutError:
             await asyncio.shield(self._cancel_provider_job(p))
@@ -207,7 +207,12 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s raised", p.id)
             return await self._fail(p, owner, started, "failed", BackendFailed(type(exc).__name__), logs, tried)
-        return await self._succeed(p, owner, job, served, result, started, logs, tried)
+
+    async def _cancel_and_settle(
+        self, p: Prediction, owner: str, started: float, logs: list[str], tried: list[str]
+    ) -> None:
+        await self._cancel_provider_job(p)
+        await self._fail(p, owner, started, "canceled", None, logs, tried)
 
     async def _run(
         self,
@@ -295,13 +300,20 @@ class JobRunner:
         return result
 
     async def _hold(self, p: Prediction, owner: str, backend: str, ref: dict[str, Any] | None) -> None:
-        async with self.sessions.begin() as session:
-            held = await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
-        if not held:
-            if ref is not None and isinstance(b := self.backends.get(backend), ProviderBackend):
-                await b.cancel(ref)
-            raise LeaseLost(p.id)
+        before = p.provider_backend, p.provider_ref
+        # Known before the commit, so a cancel that lands during it still cancels this provider job.
         p.provider_backend, p.provider_ref = backend, ref
+        try:
+            async with self.sessions.begin() as session:
+                held = await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
+        except Exception:
+            held = False
+            log.exception("could not record the provider job of %s", p.id)
+        if not held:  # nobody could re-attach to it: stop it rather than pay for it
+            p.provider_backend, p.provider_ref = before
+            if ref is not None and isinstance(b := self.backends.get(backend), ProviderBackend):
+                await asyncio.shield(b.cancel(ref))
+            raise LeaseLost(p.id)
 
     async def _cancel_provider_job(self, p: Prediction) -> None:
         backend = self.backends.get(p.provider_backend or "")
@@ -477,6 +489,17 @@ class Deferred(Exception):
     def __init__(self, finished: Finished) -> None:
         super().__init__("deferred")
         self.finished = finished
+
+
+async def _finish_despite_cancels(work: Awaitable[None]) -> None:
+    """Run clean-up to its end even if the caller is cancelled again meanwhile (one cancel is already handled)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+    task.result()
 
 
 def at(seconds: float | None, *, now: datetime | None = None) -> datetime | None:

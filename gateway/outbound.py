@@ -31,6 +31,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
 
 
+RESPONSE_CAP = 64 << 10  # what is kept of a webhook receiver's answer
+
+
 class UnsafeUrl(InvalidRequest):
     """A URL the gateway will not call: a bad shape, or an address that is not public."""
 
@@ -50,8 +53,10 @@ def _parse(url: str) -> httpx.URL | None:
     if len(url) > MAX_URL_CHARS or "\\" in url or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
         return None
     try:
-        return httpx.URL(url)
-    except httpx.InvalidURL:
+        parsed = httpx.URL(url)
+        _ = parsed.host  # an invalid IDNA label (``xn--``) only fails when the host is decoded
+        return parsed
+    except (httpx.InvalidURL, UnicodeError):
         return None
 
 
@@ -174,12 +179,27 @@ class NetworkPolicy:
                 "POST", target.copy_with(host=ip), content=content, headers=sent, timeout=timeout, extensions=extensions
             )
 
+        async def send(request: httpx.Request) -> httpx.Response:
+            # Streamed, and at most RESPONSE_CAP bytes kept: a receiver must not be able to fill our memory.
+            resp = await client.send(request, stream=True, follow_redirects=False)
+            body = b""
+            try:
+                async for chunk in resp.aiter_raw():
+                    body += chunk
+                    if len(body) >= RESPONSE_CAP:
+                        break
+            except httpx.StreamConsumed:  # a transport that answered with the whole body already read
+                body = resp.content
+            finally:
+                await resp.aclose()
+            return httpx.Response(resp.status_code, headers=resp.headers, content=body[:RESPONSE_CAP], request=request)
+
         for ip in ips[:-1]:  # every address was checked, so any of them will do
             try:
-                return await client.send(to(ip), follow_redirects=False)
+                return await send(to(ip))
             except httpx.ConnectError:
                 log.info("webhook address %s refused the connection; trying the next one", ip)
-        return await client.send(to(ips[-1]), follow_redirects=False)
+        return await send(to(ips[-1]))
 
 
 @dataclass(frozen=True)

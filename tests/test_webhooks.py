@@ -440,7 +440,7 @@ def test_pending_and_orphaned_deliveries_survive_a_restart(database_url: str, re
             p = await seed(sessions, webhook=receiver.url, events=["start", "completed"])
             await emit(sessions, p, "start")
             async with sessions.begin() as session:  # a sender claims it, then its process dies before sending
-                assert len(await claim_deliveries(session, lease_seconds=0.5, limit=10)) == 1
+                assert len(await claim_deliveries(session, lease_seconds=30, limit=10)) == 1
             await emit(sessions, p, "completed")
             return p
 
@@ -448,8 +448,14 @@ def test_pending_and_orphaned_deliveries_survive_a_restart(database_url: str, re
         async with sending(database_url) as sender:
             receiver.secret = await secret_of(sender.sessions, p)
             assert await sender.run_once() == 1  # the pending one; the orphan's lease still holds
-            await asyncio.sleep(0.6)
-            assert await sender.run_once() == 1  # the lease ran out: taken over
+            assert await sender.run_once() == 0
+            async with sender.sessions.begin() as session:  # 30 s later, the dead sender's lease has run out
+                await session.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.lease_expires_at.is_not(None))
+                    .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+                )
+            assert await sender.run_once() == 1  # taken over
             return await deliveries(sender.sessions)
 
     p = asyncio.run(before_crash())

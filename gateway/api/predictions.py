@@ -5,15 +5,18 @@ The official ``replicate`` client works unchanged with its base URL pointed at t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.api.images import MAX_SEED, _check_text, resolve_route
@@ -23,10 +26,11 @@ from gateway.auth import Principal
 from gateway.backends.base import ImageJob
 from gateway.engine import JobSpec
 from gateway.errors import InvalidRequest, ModelNotFound, NotFound
+from gateway.outbound import UnsafeUrl
 from gateway.predictions import MODELS, VERSIONS, iso, prediction_json, resolve
 from gateway.state import AppState
 from gateway.storage import queue, repo
-from gateway.storage.models import Prediction, is_id
+from gateway.storage.models import Prediction, StoredFile, is_id
 from inference.variants import RESOLUTIONS, Variant, nearest_resolution
 
 router = APIRouter(tags=["predictions"])
@@ -35,6 +39,7 @@ _WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _RATIO = re.compile(r"^(\d{1,2}):(\d{1,2})$")
 PAGE_SIZE = 100
+MAX_CANCEL_AFTER = 7 * 24 * 3600
 
 
 class PredictionInput(BaseModel):
@@ -89,7 +94,10 @@ def _seconds(header: str, name: str) -> int:
     if not header.strip() or not match:
         raise InvalidRequest(f"Invalid {name} header '{header}': use e.g. 30s, 5m or 1h30m.", param=name)
     h, m, s = (int(g) if g else 0 for g in match.groups())
-    return h * 3600 + m * 60 + s
+    seconds = h * 3600 + m * 60 + s
+    if seconds > MAX_CANCEL_AFTER:
+        raise InvalidRequest(f"{name} is at most {MAX_CANCEL_AFTER // 3600} hours.", param=name)
+    return seconds
 
 
 def _wait_seconds(prefer: str | None) -> int | None:
@@ -118,6 +126,7 @@ async def _create(
     cancel_after: str | None,
     key: str | None,
 ) -> dict[str, Any]:
+    arrived = time.monotonic()
     i = body.input
     if body.stream:
         raise InvalidRequest("Streaming output is not supported for image models.", param="stream")
@@ -127,7 +136,11 @@ async def _create(
     _check_text(i.negative_prompt, "negative_prompt", state.settings.max_prompt_chars)
     if body.webhook is not None:  # refused now with a clear error; checked again (DNS can change) at each send
         state.outbound.check_syntax(body.webhook)
-        await state.outbound.resolve(body.webhook)
+        try:
+            async with asyncio.timeout(3):
+                await state.outbound.resolve(body.webhook)
+        except TimeoutError:
+            raise UnsafeUrl("The webhook's host did not resolve within 3 s.") from None
     wait = _wait_seconds(prefer)
     after = _seconds(cancel_after, "Cancel-After") if cancel_after is not None else None
     if after is not None and after < 5:
@@ -173,7 +186,9 @@ async def _create(
     p = submitted.prediction
     status = None
     if wait is not None:
-        done = await state.jobs.wait(p.id, timeout=wait)
+        # Answer a little before the N seconds are up, counted from arrival: the official client's read timeout
+        # is N + 0.5 s, and it does not retry a POST.
+        done = await state.jobs.wait(p.id, timeout=max(0.0, wait - 1.0 - (time.monotonic() - arrived)))
         p = done.prediction
         response.headers["Preference-Applied"] = f"wait={wait}"
         if p.status not in queue.TERMINAL:
@@ -183,11 +198,16 @@ async def _create(
     return await _render(state, p, base_url, status=status)
 
 
-async def _render(state: AppState, p: Prediction, base_url: str, *, status: str | None = None) -> dict[str, Any]:
-    files = []
+async def _render(
+    state: AppState, p: Prediction, base_url: str, *, status: str | None = None, session: AsyncSession | None = None
+) -> dict[str, Any]:
+    files: list[StoredFile] = []
     if p.status == "succeeded":
-        async with state.sessions() as session:
+        if session is not None:  # the request's own: one connection per request, not two
             files = list(await repo.list_files(session, prediction_id=p.id))
+        else:
+            async with state.sessions() as own:
+                files = list(await repo.list_files(own, prediction_id=p.id))
     return prediction_json(p, files, signer=state.signer, base_url=base_url, status=status)
 
 
@@ -261,7 +281,7 @@ async def get_prediction(
 ) -> dict[str, Any]:
     """A prediction as it stands now."""
     p = await _own(session, principal, prediction_id)
-    return await _render(state, p, public_base_url(request, state))
+    return await _render(state, p, public_base_url(request, state), session=session)
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel")
@@ -284,10 +304,13 @@ def _cursor(direction: str, p: Prediction) -> str:
 def _parse_cursor(cursor: str) -> tuple[str, tuple[datetime, str]]:
     try:
         direction, at, pid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if direction not in ("b", "a") or not is_id(pid, "gen"):
+        if direction not in ("b", "a") or not isinstance(pid, str) or not is_id(pid, "gen"):
             raise ValueError(direction)
-        return direction, (datetime.fromisoformat(at), pid)
-    except (ValueError, TypeError) as exc:
+        moment = datetime.fromisoformat(at)
+        if moment.tzinfo is None:
+            raise ValueError(at)
+        return direction, (moment, pid)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("Invalid cursor.", param="cursor") from exc
 
 
@@ -320,7 +343,7 @@ async def list_predictions(
 
     older = rows and (more if after is None else True)
     newer = rows and (cursor is not None if after is None else more)
-    results = [await _render(state, p, base) for p in rows]
+    results = [await _render(state, p, base, session=session) for p in rows]
     return {
         "next": link("b", rows[-1]) if older else None,
         "previous": link("a", rows[0]) if newer else None,

@@ -91,18 +91,29 @@ async def claim_due(
 
 
 async def renew_leases(
-    session: AsyncSession, *, owner: str, lease_seconds: float, now: datetime | None = None
+    session: AsyncSession, *, owner: str, ids: Sequence[str], lease_seconds: float, now: datetime | None = None
 ) -> dict[str, bool]:
-    """Extend every lease ``owner`` holds, in one statement; returns {job id: cancel requested}."""
+    """Extend the leases ``owner`` holds on the jobs it is running (``ids``); returns {job id: cancel requested}.
+
+    Only jobs with a live task are renewed: a row whose task ended without settling it (a bug, a disk error) then
+    expires and is taken over, instead of being held for as long as this process lives.
+    """
     now = now or utcnow()
-    stmt = (
-        update(Prediction)
-        .where(Prediction.lease_owner == owner, Prediction.status == "processing")
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(Prediction.id, Prediction.cancel_requested)
-        .execution_options(synchronize_session=False)
-    )
-    return {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
+    held: dict[str, bool] = {}
+    for start in range(0, len(ids), 1000):  # bounded statements, whatever the concurrency
+        stmt = (
+            update(Prediction)
+            .where(
+                Prediction.id.in_(ids[start : start + 1000]),
+                Prediction.lease_owner == owner,
+                Prediction.status == "processing",
+            )
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(Prediction.id, Prediction.cancel_requested)
+            .execution_options(synchronize_session=False)
+        )
+        held |= {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
+    return held
 
 
 def _held(prediction_id: str, owner: str) -> Any:

@@ -45,7 +45,10 @@ class ServerThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port, self.sock = sock.getsockname()[1], sock
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        # Idle connections are kept longer than httpx's pool keeps them (5 s), as real providers and CDNs do:
+        # with equal timeouts, a request sent on a connection the server is closing that moment is reset.
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

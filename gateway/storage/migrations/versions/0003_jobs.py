@@ -40,6 +40,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("webhook", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("webhook_events", sa.JSON(), nullable=True))
         batch_op.create_index("ix_predictions_status_available", ["status", "available_at"], unique=False)
+    # Rows a pre-engine process left running have no job to resume (no lease, no stored input): end them, unbilled,
+    # as the reaper this engine replaces would have.
+    op.execute(
+        "UPDATE predictions SET status = 'failed', error = 'abandoned: the gateway stopped', "
+        "completed_at = CURRENT_TIMESTAMP WHERE status = 'processing'"
+    )
 
     op.create_table(
         "idempotency_keys",
