@@ -50,6 +50,7 @@ class JobSpec:
     webhook: str | None = None
     webhook_events: list[str] | None = None
     cancel_after: float | None = None  # seconds; Replicate's Cancel-After
+    timeout: float | None = None  # seconds it may wait and run before it fails; None: the engine's default
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,12 @@ class Engine:
         self._spawned: dict[str, float] = {}
         self._why: dict[str, Why] = {}
         self._hooked: set[str] = set()  # jobs whose last transaction wrote a webhook delivery
+        self._backlog = False  # jobs may be waiting for a free slot here
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         runner.on_settle = self._on_settle
+        runner.on_log = self._on_log
 
     # -- the API side ------------------------------------------------------------------------------------------
 
@@ -135,7 +138,8 @@ class Engine:
             job=asdict(spec.job),
             route=str(spec.route),
             available_at=now,
-            deadline_at=at(self.timeout, now=now),
+            # A Cancel-After beyond the timeout wins: the client asked for that long.
+            deadline_at=at(max(spec.timeout or self.timeout, spec.cancel_after or 0), now=now),
             cancel_at=at(spec.cancel_after, now=now),
             lease_owner=self.owner if direct else None,
             lease_expires_at=at(self.lease_seconds, now=now) if direct else None,
@@ -181,6 +185,7 @@ class Engine:
         if direct:
             self._spawn(p)
         else:
+            self._backlog = True
             self._wake.set()
         return Submitted(p, replayed=False)
 
@@ -281,7 +286,8 @@ class Engine:
         self._tasks.pop(prediction_id, None)
         self._spawned.pop(prediction_id, None)
         self._why.pop(prediction_id, None)
-        self._wake.set()  # a slot is free
+        if self._backlog:  # a slot is free and jobs were waiting for one; otherwise the poll finds newcomers
+            self._wake.set()
 
     @staticmethod
     def _settled(task: asyncio.Task[Finished]) -> bool:
@@ -327,10 +333,11 @@ class Engine:
         free = self.concurrency - len(self._tasks)
         if free <= 0 or self._stopping:
             return 0
+        limit = min(free, 100)
         async with self.sessions.begin() as session:
-            claimed = await queue.claim_due(
-                session, owner=self.owner, lease_seconds=self.lease_seconds, limit=min(free, 100)
-            )
+            claimed = await queue.claim_due(session, owner=self.owner, lease_seconds=self.lease_seconds, limit=limit)
+        # A full batch means more may be due; only then is a freed slot worth an immediate claim.
+        self._backlog = len(claimed) == limit
         for p in claimed:
             if p.id in self._tasks:
                 # Our own running job, whose lease lapsed before the heartbeat renewed it (a busy loop or a slow
@@ -342,8 +349,9 @@ class Engine:
     async def _claim_forever(self) -> None:
         while True:
             try:
-                if await self.claim_once() >= 100:
-                    continue  # more may be due
+                await self.claim_once()
+                if self._backlog and len(self._tasks) < self.concurrency:
+                    continue  # more are due and there is room
             except Exception:
                 log.exception("claiming jobs failed")
             self._wake.clear()
@@ -395,6 +403,10 @@ class Engine:
         if p.status == "succeeded":
             await self._event(session, p, "output", files)
         await self._event(session, p, "completed", files)
+
+    async def _on_log(self, session: AsyncSession, p: Prediction) -> None:
+        # Not woken for: the sender's next poll (within a second) sends it, after this transaction has committed.
+        await self._event(session, p, "logs", ())
 
     async def _event(self, session: AsyncSession, p: Prediction, event: str, files: Sequence[StoredFile]) -> None:
         """Write a webhook delivery in the caller's transaction, if the job asked for this event."""

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway import webhooks
 from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult, ProviderBackend
 from gateway.errors import (
     BackendBusy,
@@ -47,6 +48,7 @@ ERRORS: dict[str, type[GatewayError]] = {
 Why = Literal["cancel", "lost", "shutdown"]
 # Called inside a settle's transaction, so webhook events are written with the state change they report.
 OnSettle = Callable[[AsyncSession, Prediction, Sequence[StoredFile]], Awaitable[None]]
+OnLog = Callable[[AsyncSession, Prediction], Awaitable[None]]  # a log line was written, in that transaction
 
 
 def error_from(prediction: Prediction) -> GatewayError:
@@ -101,6 +103,7 @@ class JobRunner:
         health: HealthBoard,
         attempt_timeout: float,
         on_settle: OnSettle | None = None,
+        on_log: OnLog | None = None,
     ) -> None:
         self.sessions = sessions
         self.backends = {b.name: b for b in backends}
@@ -112,6 +115,7 @@ class JobRunner:
         self.health = health
         self.attempt_timeout = attempt_timeout
         self.on_settle = on_settle
+        self.on_log = on_log
 
     def cost(self, backend: Backend, job: ImageJob, gpu_seconds: float | None = None) -> Decimal:
         """Our cost of ``job`` on ``backend`` (an estimate unless the backend measured GPU time)."""
@@ -229,7 +233,7 @@ class JobRunner:
         attached = self.backends.get(p.provider_backend or "")
         if p.provider_ref is not None and isinstance(attached, ProviderBackend):
             # A previous runner had submitted it: wait on that job instead of paying for another.
-            logs.append(f"Re-attached to the job on {attached.name}.")
+            await self._log(p, owner, logs, f"Re-attached to the job on {attached.name}.")
             tried.append(attached.name)
             outcome = await self._attempt(attached, job, p, owner, ref=p.provider_ref)
             if isinstance(outcome, ImageResult):
@@ -246,11 +250,11 @@ class JobRunner:
             if not self.health.admits(backend.name):
                 continue
             tried.append(backend.name)
-            logs.append(f"Attempt {len(tried)} on {backend.name}.")
+            await self._log(p, owner, logs, f"Attempt {len(tried)} on {backend.name}.")
             outcome = await self._attempt(backend, job, p, owner, ref=None)
             if isinstance(outcome, ImageResult):
                 return backend, outcome
-            logs.append(f"{backend.name} failed: {outcome.message}")
+            await self._log(p, owner, logs, f"{backend.name} failed: {outcome.message}")
             errors.append(outcome)
         if not tried:  # every candidate became ineligible (another request took a trial slot)
             raise Deferred(await self._defer(p, owner, 2))
@@ -298,6 +302,16 @@ class JobRunner:
             return BackendFailed(f"{backend.name} failed unexpectedly ({type(exc).__name__}).")
         self.health.success(backend.name, time.monotonic() - t0)
         return result
+
+    async def _log(self, p: Prediction, owner: str, logs: list[str], line: str) -> None:
+        """Note a line for the job's logs: kept for the settle, or written now when a webhook wants ``logs``."""
+        if self.on_log is not None and p.webhook and webhooks.wants(p.webhook_events, "logs"):
+            async with self.sessions.begin() as session:
+                if await queue.append_log(session, prediction_id=p.id, owner=owner, line=line):
+                    p.logs = (p.logs or "") + line + "\n"
+                    await self.on_log(session, p)
+                    return
+        logs.append(line)
 
     async def _hold(self, p: Prediction, owner: str, backend: str, ref: dict[str, Any] | None) -> None:
         before = p.provider_backend, p.provider_ref
@@ -372,9 +386,13 @@ class JobRunner:
             won = False
             log.exception("could not record the success of prediction %s", p.id)
         if not won:
-            for f in stored:  # the rows never landed, so neither should the files
-                self.files.delete(f.path)
             current = await self._current(p)
+            landed = {f.id for f in current.files}
+            for f in stored:  # files whose rows never landed go (a commit that errored may still have landed)
+                if f.id not in landed:
+                    self.files.delete(f.path)
+            if current.prediction.status == "succeeded" and landed & {f.id for f in stored}:
+                return Finished(current.prediction, current.files, images=result.images)
             if current.prediction.status in queue.ACTIVE and current.prediction.lease_owner == owner:
                 # Still ours, so the settle itself failed: record a failure (unbilled) instead.
                 error = BackendFailed("The image was made but could not be stored; it is not billed.")

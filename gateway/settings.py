@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=30.0, ge=1, description="a dead replica's jobs are taken over after")
     job_poll_seconds: float = Field(default=1.0, gt=0, description="how often idle runners look for due jobs")
     job_concurrency: int = Field(default=1000, ge=1, description="jobs one process runs (or waits on) at once")
+    prediction_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="how long a Replicate-API prediction may queue and run before it fails"
+    )
 
     # Routing, health and failover.
     route: str = Field(default="cheapest", description="default policy: cheapest, fastest, or a name list")

@@ -278,6 +278,17 @@ def test_webhooks_arrive_signed_and_verifiable(
     headers, body = calls[1]
     with pytest.raises(WebhookVerificationError):
         verifier.verify(body.replace(b"succeeded", b"failed"), headers)
+    # logs events carry the logs so far, as they are written.
+    receiver.calls.clear()
+    logged = client.predictions.create(model=MODEL, input=INPUT, webhook=hook, webhook_events_filter=["logs"])
+    logged.wait()
+    deadline = time.monotonic() + 20
+    while not receiver.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [(headers, body)] = receiver.calls
+    event = verifier.verify(body, headers)
+    assert event["id"] == logged.id and event["logs"].startswith("Attempt 1 on local.")
+    assert logged.logs is not None and logged.logs.startswith("Attempt 1 on local.\nSucceeded on local.")
     # Without the allow-list, a loopback hook is refused when the prediction is created; nothing is made.
     strict = make_gateway(database_url)
     refused = strict.client.post(
@@ -293,4 +304,4 @@ def test_webhooks_arrive_signed_and_verifiable(
             headers={"Authorization": f"Bearer {key}"},
         )
         assert resp.status_code == 422, bad
-    assert len(client.predictions.list().results) == 1
+    assert len(client.predictions.list().results) == 2

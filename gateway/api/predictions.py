@@ -181,6 +181,7 @@ async def _create(
         webhook=body.webhook,
         webhook_events=list(body.webhook_events_filter) if body.webhook_events_filter is not None else None,
         cancel_after=after,
+        timeout=state.settings.prediction_timeout_seconds,
     )
     submitted = await state.jobs.submit(principal=principal, spec=spec, idempotency=idem)
     p = submitted.prediction

@@ -156,6 +156,8 @@ class FalBackend:
 
     async def _fetch(self, url: str) -> bytes:
         if url.startswith("data:"):  # sync_mode answers carry the image inline
+            if len(url) > self.gate.max_bytes * 4 // 3 + 1024:  # base64 is 4/3 of the bytes, plus the header
+                raise BackendFailed(f"fal's inline output is larger than {self.gate.max_bytes} bytes; not kept.")
             try:
                 return base64.b64decode(url.split(",", 1)[1], validate=True)
             except (IndexError, ValueError) as exc:  # binascii.Error is a ValueError
