@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -104,8 +105,12 @@ class JobRunner:
         attempt_timeout: float,
         on_settle: OnSettle | None = None,
         on_log: OnLog | None = None,
+        db_slots: int = 8,
     ) -> None:
         self.sessions = sessions
+        # At most this many of the runner's transactions at once: a burst of thousands of jobs ending together
+        # then queues here, in order, instead of timing out on the connection pool (which requests share too).
+        self._db = asyncio.Semaphore(db_slots)
         self.backends = {b.name: b for b in backends}
         self.files = files
         self.prices = prices
@@ -116,6 +121,16 @@ class JobRunner:
         self.attempt_timeout = attempt_timeout
         self.on_settle = on_settle
         self.on_log = on_log
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        async with self._db, self.sessions.begin() as session:
+            yield session
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncSession]:
+        async with self._db, self.sessions() as session:
+            yield session
 
     def cost(self, backend: Backend, job: ImageJob, gpu_seconds: float | None = None) -> Decimal:
         """Our cost of ``job`` on ``backend`` (an estimate unless the backend measured GPU time)."""
@@ -306,7 +321,7 @@ class JobRunner:
     async def _log(self, p: Prediction, owner: str, logs: list[str], line: str) -> None:
         """Note a line for the job's logs: kept for the settle, or written now when a webhook wants ``logs``."""
         if self.on_log is not None and p.webhook and webhooks.wants(p.webhook_events, "logs"):
-            async with self.sessions.begin() as session:
+            async with self._transaction() as session:
                 if await queue.append_log(session, prediction_id=p.id, owner=owner, line=line):
                     p.logs = (p.logs or "") + line + "\n"
                     await self.on_log(session, p)
@@ -318,7 +333,7 @@ class JobRunner:
         # Known before the commit, so a cancel that lands during it still cancels this provider job.
         p.provider_backend, p.provider_ref = backend, ref
         try:
-            async with self.sessions.begin() as session:
+            async with self._transaction() as session:
                 held = await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
         except Exception:
             held = False
@@ -336,12 +351,12 @@ class JobRunner:
 
     async def _defer(self, p: Prediction, owner: str, seconds: float) -> Finished:
         until = utcnow() + timedelta(seconds=max(0.5, seconds))
-        async with self.sessions.begin() as session:
+        async with self._transaction() as session:
             await queue.defer(session, prediction_id=p.id, owner=owner, until=until)
         return Finished(p, [], deferred=True)
 
     async def _current(self, p: Prediction) -> Finished:
-        async with self.sessions() as session:
+        async with self._reading() as session:
             row = await queue.load(session, prediction_id=p.id) or p
             files = list(await repo.list_files(session, prediction_id=p.id))
         return Finished(row, files, error=None if row.status == "succeeded" else error_from(row))
@@ -364,7 +379,7 @@ class JobRunner:
         try:
             # Shielded: once the images exist, a cancellation must not stop their rows from landing.
             won = await asyncio.shield(
-                self._settle(
+                self._settle_retrying(
                     p,
                     owner,
                     status="succeeded",
@@ -411,7 +426,7 @@ class JobRunner:
         tried: list[str],
     ) -> Finished:
         try:
-            won = await self._settle(
+            won = await self._settle_retrying(
                 p,
                 owner,
                 status=status,
@@ -432,6 +447,18 @@ class JobRunner:
         if not won:
             return await self._current(p)
         return Finished(p, [], error=error or error_from(p))
+
+    async def _settle_retrying(self, p: Prediction, owner: str | None, **fields: Any) -> bool:
+        """``_settle``, tried again over about 15 s when the database fails: the outcome (and, for a success, the
+        provider's bill) is already real, so a passing error must not turn it into something else.
+        """
+        for delay in (0.5, 1.0, 2.0, 4.0, 8.0):
+            try:
+                return await self._settle(p, owner, **fields)
+            except Exception:
+                log.warning("settling %s failed; retrying in %.1f s", p.id, delay, exc_info=True)
+                await asyncio.sleep(delay)
+        return await self._settle(p, owner, **fields)  # a commit that errored but landed answers False here
 
     async def cancel_waiting(self, p: Prediction) -> bool:
         """Cancel a job no runner has claimed; False if one claimed it first (its runner cancels it then)."""
@@ -462,7 +489,7 @@ class JobRunner:
         """The one guarded write that ends a job, with its usage event and webhook events, in one transaction."""
         text = (p.logs or "") + "".join(f"{line}\n" for line in logs)
         files: Sequence[StoredFile] = fields.get("files", ())
-        async with self.sessions.begin() as session:
+        async with self._transaction() as session:
             won = await repo.finish_prediction(
                 session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
             )

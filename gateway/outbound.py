@@ -272,13 +272,20 @@ class ProviderGate:
         # Outputs are public: a client-wide credential or cookie must not travel to the delivery host.
         for header in ("authorization", "cookie"):
             request.headers.pop(header, None)
+
+        async def once() -> bytes:
+            resp = await client.send(request, auth=None, follow_redirects=False, stream=True)
+            try:
+                return await self._read(resp)
+            finally:
+                await resp.aclose()
+
         try:
             async with asyncio.timeout(self.timeout):
-                resp = await client.send(request, auth=None, follow_redirects=False, stream=True)
                 try:
-                    return await self._read(resp)
-                finally:
-                    await resp.aclose()
+                    return await once()
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
+                    return await once()  # once more: a reused connection the host had just closed
         except TimeoutError as exc:
             raise BackendFailed(f"{self.name}'s output took longer than {self.timeout:g} s to download.") from exc
         except httpx.HTTPError as exc:

@@ -81,7 +81,14 @@ async def send(
     Elsewhere (polls, results, cancels) it means the provider changed under us, so it fails over.
     """
     try:
-        resp = await client.request(method, url, **kwargs)
+        try:
+            resp = await client.request(method, url, **kwargs)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            if method != "GET":
+                raise
+            # A kept-alive connection the provider closed as we reused it: a read is safe to send once more, and
+            # failing a job the provider has finished (and billed) over it would waste the work.
+            resp = await client.request(method, url, **kwargs)
     except httpx.TimeoutException as exc:
         raise BackendFailed(f"{backend} did not answer in time ({type(exc).__name__}).") from exc
     except httpx.TransportError as exc:
