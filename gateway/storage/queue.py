@@ -14,6 +14,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.storage.models import IdempotencyKey, Prediction, utcnow
+from gateway.storage.repo import PREDICTIONS
 
 # The states and the moves between them; everything else is refused by the guarded updates below.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -30,8 +31,8 @@ def _won(result: Any) -> bool:
 
 async def insert_job(session: AsyncSession, prediction: Prediction) -> None:
     """Insert a new job row (a Core insert: it is on every request's path)."""
-    values = {c.key: getattr(prediction, c.key) for c in Prediction.__table__.columns}
-    await session.execute(insert(Prediction).values({k: v for k, v in values.items() if v is not None}))
+    values = {c.key: getattr(prediction, c.key) for c in PREDICTIONS.columns}
+    await session.execute(insert(PREDICTIONS).values({k: v for k, v in values.items() if v is not None}))
 
 
 async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -> IdempotencyKey | None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +21,12 @@ from gateway.storage.models import (
     UsageEvent,
     utcnow,
 )
+
+# The tables themselves, for Core statements on the per-generation path.
+PREDICTIONS = cast(Table, Prediction.__table__)
+FILES = cast(Table, StoredFile.__table__)
+USAGE_EVENTS = cast(Table, UsageEvent.__table__)
+SPEND = cast(Table, TenantSpend.__table__)
 
 
 async def create_tenant(
@@ -108,11 +114,14 @@ async def finish_prediction(
     did not win, and then nothing was written.
     """
     now = utcnow()
-    guard = [Prediction.id == prediction.id, Prediction.status.in_(expected)]
+    # Core statements on the tables: this runs once per generation, and the ORM's per-column work would be most
+    # of its cost.
+    t = PREDICTIONS.c
+    guard = [t.id == prediction.id, t.status.in_(expected)]
     if lease_owner is not None:
-        guard.append(Prediction.lease_owner == lease_owner)
+        guard.append(t.lease_owner == lease_owner)
     settled = await session.execute(
-        update(Prediction)
+        update(PREDICTIONS)
         .where(*guard)
         .values(
             error_code=error_code,
@@ -128,16 +137,15 @@ async def finish_prediction(
             height=height,
             attempts=attempts,
         )
-        .execution_options(synchronize_session=False)
     )
     if getattr(settled, "rowcount", 0) != 1:
         return False
     if files:
-        await session.execute(insert(StoredFile).values([_columns(f) for f in files]))
+        await session.execute(insert(FILES).values([_columns(f) for f in files]))
     if price_usd:
         await add_spend(session, tenant_id=prediction.tenant_id, month=month_key(now), amount=price_usd)
     await session.execute(
-        insert(UsageEvent).values(
+        insert(USAGE_EVENTS).values(
             prediction_id=prediction.id,
             tenant_id=prediction.tenant_id,
             api_key_id=prediction.api_key_id,
@@ -198,9 +206,9 @@ async def add_spend(session: AsyncSession, *, tenant_id: str, month: str, amount
     """Add to a tenant's monthly total (an upsert: one statement, safe under concurrent settles)."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(TenantSpend).values(tenant_id=tenant_id, month=month, spent_usd=amount)
+    stmt = insert(SPEND).values(tenant_id=tenant_id, month=month, spent_usd=amount)
     stmt = stmt.on_conflict_do_update(
-        index_elements=["tenant_id", "month"], set_={"spent_usd": TenantSpend.spent_usd + stmt.excluded.spent_usd}
+        index_elements=["tenant_id", "month"], set_={"spent_usd": SPEND.c.spent_usd + stmt.excluded.spent_usd}
     )
     await session.execute(stmt)
 
