@@ -97,6 +97,7 @@ class Engine:
         self._why: dict[str, Why] = {}
         self._hooked: set[str] = set()  # jobs whose last transaction wrote a webhook delivery
         self._backlog = False  # jobs may be waiting for a free slot here
+        self._background: set[asyncio.Task[None]] = set()  # lease releases in flight (kept so none is collected)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -280,9 +281,13 @@ class Engine:
     def _forget(self, prediction_id: str) -> None:
         self._wake_sender(prediction_id)
         task = self._tasks.get(prediction_id)
-        if task is not None and self._why.get(prediction_id) != "shutdown" and not self._settled(task):
+        if task is not None and self._why.get(prediction_id) not in ("shutdown", "lost") and not self._settled(task):
             # It ended without settling (an error, a cancel mid-way): let a runner take it over now.
-            asyncio.get_running_loop().create_task(self._release(prediction_id))
+            if not task.cancelled() and task.exception() is not None:
+                log.error("job %s ended with an error", prediction_id, exc_info=task.exception())
+            release = asyncio.get_running_loop().create_task(self._release(prediction_id))
+            self._background.add(release)
+            release.add_done_callback(self._background.discard)
         self._tasks.pop(prediction_id, None)
         self._spawned.pop(prediction_id, None)
         self._why.pop(prediction_id, None)
@@ -297,6 +302,8 @@ class Engine:
         return finished.deferred or finished.prediction.status in queue.TERMINAL
 
     async def _release(self, prediction_id: str) -> None:
+        if prediction_id in self._tasks:  # claimed again here meanwhile: that task holds the lease now
+            return
         try:
             async with self.sessions.begin() as session:
                 await queue.release(session, owner=self.owner, ids=[prediction_id])
@@ -404,9 +411,13 @@ class Engine:
             await self._event(session, p, "output", files)
         await self._event(session, p, "completed", files)
 
-    async def _on_log(self, session: AsyncSession, p: Prediction) -> None:
+    async def _on_log(self, session: AsyncSession, p: Prediction, logs: str) -> None:
         # Not woken for: the sender's next poll (within a second) sends it, after this transaction has committed.
-        await self._event(session, p, "logs", ())
+        before, p.logs = p.logs, logs  # the body shows the logs as written
+        try:
+            await self._event(session, p, "logs", ())
+        finally:
+            p.logs = before
 
     async def _event(self, session: AsyncSession, p: Prediction, event: str, files: Sequence[StoredFile]) -> None:
         """Write a webhook delivery in the caller's transaction, if the job asked for this event."""

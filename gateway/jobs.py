@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import webhooks
@@ -38,6 +40,10 @@ from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
 log = logging.getLogger("hidream_gateway.jobs")
 
+# What a settle is retried on: the database or the connection to it failing, not the write itself being wrong.
+TRANSIENT = (DBAPIError, SATimeoutError, OSError, TimeoutError)
+SETTLED_FIELDS = ("status", "backend", "latency_ms", "attempts", "width", "height", "error", "error_code")
+
 # Errors as stored (``error_code``) back to the error a waiting client is given, in any replica.
 ERRORS: dict[str, type[GatewayError]] = {
     "backend_busy": BackendBusy,
@@ -49,7 +55,9 @@ ERRORS: dict[str, type[GatewayError]] = {
 Why = Literal["cancel", "lost", "shutdown"]
 # Called inside a settle's transaction, so webhook events are written with the state change they report.
 OnSettle = Callable[[AsyncSession, Prediction, Sequence[StoredFile]], Awaitable[None]]
-OnLog = Callable[[AsyncSession, Prediction], Awaitable[None]]  # a log line was written, in that transaction
+OnLog = Callable[
+    [AsyncSession, Prediction, str], Awaitable[None]
+]  # logs were written (the new text), in that transaction
 
 
 def error_from(prediction: Prediction) -> GatewayError:
@@ -187,9 +195,15 @@ class JobRunner:
         self, p: Prediction, *, owner: str, allowed: Sequence[str] | None, why: Callable[[], Why | None]
     ) -> Finished:
         """Run a job this process holds the lease on, to its end; ``why`` says why it is being cancelled."""
-        job = ImageJob(**p.job)
-        route = Route.parse(p.route)
         started = time.monotonic()
+        try:
+            job = ImageJob(**p.job)
+            route = Route.parse(p.route)
+        except (TypeError, ValueError) as exc:  # a row this version cannot read (a field renamed in a deploy)
+            log.error("job %s cannot be rebuilt: %s", p.id, exc)
+            return await self._fail(
+                p, owner, started, "failed", BackendFailed("The job's stored input is invalid."), [], []
+            )
         logs: list[str] = []
         errors: list[GatewayError] = []
         tried: list[str] = []
@@ -319,22 +333,36 @@ class JobRunner:
         return result
 
     async def _log(self, p: Prediction, owner: str, logs: list[str], line: str) -> None:
-        """Note a line for the job's logs: kept for the settle, or written now when a webhook wants ``logs``."""
+        """Note a line for the job's logs: kept for the settle, or written now when a webhook wants ``logs``.
+
+        Best effort: a database error here must not fail a job whose provider work is already running.
+        """
         if self.on_log is not None and p.webhook and webhooks.wants(p.webhook_events, "logs"):
-            async with self._transaction() as session:
-                if await queue.append_log(session, prediction_id=p.id, owner=owner, line=line):
-                    p.logs = (p.logs or "") + line + "\n"
-                    await self.on_log(session, p)
-                    return
+            try:
+                async with self._transaction() as session:
+                    if await queue.append_log(session, prediction_id=p.id, owner=owner, line=line):
+                        await self.on_log(session, p, (p.logs or "") + line + "\n")
+                        p.logs = (p.logs or "") + line + "\n"
+                        return
+            except Exception:
+                log.warning("could not write a log line of %s now; it is kept for the end", p.id, exc_info=True)
         logs.append(line)
 
     async def _hold(self, p: Prediction, owner: str, backend: str, ref: dict[str, Any] | None) -> None:
         before = p.provider_backend, p.provider_ref
         # Known before the commit, so a cancel that lands during it still cancels this provider job.
         p.provider_backend, p.provider_ref = backend, ref
+
+        async def record() -> bool:
+            # Not behind the runner's database slots: the provider is already running (and billing) this job, so its
+            # id must not wait behind a burst of settles, where a shutdown could catch it unrecorded.
+            async with self.sessions.begin() as session:
+                return await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
+
         try:
-            async with self._transaction() as session:
-                held = await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
+            # Shielded: once started, the write finishes even if this task is cancelled (shutdown, lost lease),
+            # so whoever runs the job next finds the id and re-attaches instead of submitting again.
+            held = await asyncio.shield(record())
         except Exception:
             held = False
             log.exception("could not record the provider job of %s", p.id)
@@ -455,7 +483,10 @@ class JobRunner:
         for delay in (0.5, 1.0, 2.0, 4.0, 8.0):
             try:
                 return await self._settle(p, owner, **fields)
-            except Exception:
+            except TRANSIENT as exc:
+                permanent = isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError | InterfaceError)
+                if permanent and not exc.connection_invalidated:  # type: ignore[union-attr]
+                    raise  # a constraint or a bug: the same write fails the same way again
                 log.warning("settling %s failed; retrying in %.1f s", p.id, delay, exc_info=True)
                 await asyncio.sleep(delay)
         return await self._settle(p, owner, **fields)  # a commit that errored but landed answers False here
@@ -466,6 +497,7 @@ class JobRunner:
             p,
             None,
             expected=("starting",),
+            gated=False,  # called by a request that holds a pool connection: it must not queue behind runners
             logs=["Canceled before it started."],
             status="canceled",
             backend=None,
@@ -484,23 +516,33 @@ class JobRunner:
         *,
         logs: list[str],
         expected: Sequence[str] = queue.ACTIVE,
+        gated: bool = True,
         **fields: Any,
     ) -> bool:
         """The one guarded write that ends a job, with its usage event and webhook events, in one transaction."""
         text = (p.logs or "") + "".join(f"{line}\n" for line in logs)
         files: Sequence[StoredFile] = fields.get("files", ())
-        async with self._transaction() as session:
-            won = await repo.finish_prediction(
-                session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
-            )
-            if not won:
-                return False
-            for key in ("status", "backend", "latency_ms", "attempts", "width", "height", "error", "error_code"):
-                if key in fields:
-                    setattr(p, key, fields[key])
-            p.logs, p.completed_at, p.lease_owner = text, utcnow(), None
-            if self.on_settle is not None:
-                await self.on_settle(session, p, files)
+        changed = {k: v for k, v in fields.items() if k in SETTLED_FIELDS} | {
+            "logs": text,
+            "completed_at": utcnow(),
+            "lease_owner": None,
+        }
+        before = {k: getattr(p, k) for k in changed}
+        try:
+            async with self._transaction() if gated else self.sessions.begin() as session:
+                won = await repo.finish_prediction(
+                    session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
+                )
+                if not won:
+                    return False
+                for key, value in changed.items():  # the webhook bodies below render the settled job
+                    setattr(p, key, value)
+                if self.on_settle is not None:
+                    await self.on_settle(session, p, files)
+        except BaseException:
+            for key, value in before.items():  # rolled back: so is the object, so a retry writes the same row
+                setattr(p, key, value)
+            raise
         return True
 
     def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:

@@ -137,15 +137,11 @@ def test_nul_bytes_and_malformed_ids_are_client_errors_on_every_database(gateway
     assert gateway.admin("GET", "/admin/usage", params={"tenant_id": "\u0000"}).status_code == 400
 
 
-def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
-    make_gateway: GatewayFactory, database_url: str
-) -> None:
-    first = make_gateway(database_url)
-    tenant = first.create_tenant()
+def _leave_running(database_url: str, tenant: dict[str, Any], job: dict[str, Any]) -> str:
+    """A job row as a process that died mid-job leaves it: processing, its lease run out, nobody renewing it."""
 
-    async def leave_one_running() -> str:
+    async def insert() -> str:
         now = utcnow()
-        job = ImageJob(variant="fast", prompt="x", width=1024, height=1024, seed=1, num_inference_steps=2)
         p = Prediction(
             id=new_id("gen"),
             tenant_id=tenant["tenant_id"],
@@ -160,11 +156,11 @@ def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
             seed=1,
             attempts=0,
             created_at=now - timedelta(minutes=1),
-            job=asdict(job),
+            job=job,
             route="cheapest",
             available_at=now - timedelta(minutes=1),
             deadline_at=now + timedelta(minutes=5),
-            lease_owner="run_dead",  # a process that died: its lease ran out and nobody renews it
+            lease_owner="run_dead",
             lease_expires_at=now - timedelta(seconds=1),
             started_at=now - timedelta(minutes=1),
             cancel_requested=False,
@@ -174,14 +170,37 @@ def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
             await queue.insert_job(session, p)
         return p.id
 
-    stale_id = asyncio.run(leave_one_running())
-    second = make_gateway(database_url)  # a restart: its claim loop takes the job over
-    auth = {"Authorization": f"Bearer {tenant['api_key']}"}
+    return asyncio.run(insert())
+
+
+def _until_status(gw: Gateway, key: str, prediction_id: str, status: str) -> dict[str, Any]:
     deadline = time.monotonic() + 30
-    while (body := second.client.get(f"/v1/images/generations/{stale_id}", headers=auth).json())[
-        "status"
-    ] != "succeeded":
+    auth = {"Authorization": f"Bearer {key}"}
+    while (body := gw.client.get(f"/v1/images/generations/{prediction_id}", headers=auth).json())["status"] != status:
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
+    return body
+
+
+def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
+    make_gateway: GatewayFactory, database_url: str
+) -> None:
+    first = make_gateway(database_url)
+    tenant = first.create_tenant()
+    job = ImageJob(variant="fast", prompt="x", width=1024, height=1024, seed=1, num_inference_steps=2)
+    stale_id = _leave_running(database_url, tenant, asdict(job))
+    second = make_gateway(database_url)  # a restart: its claim loop takes the job over
+    _until_status(second, tenant["api_key"], stale_id, "succeeded")
+    auth = {"Authorization": f"Bearer {tenant['api_key']}"}
     [event] = second.client.get("/v1/usage", headers=auth).json()["data"]
     assert event["prediction_id"] == stale_id and event["status"] == "succeeded" and event["price_usd"] != "0.000000"
+
+
+def test_a_job_whose_stored_input_cannot_be_read_fails_once_instead_of_looping(sqlite_gateway: Gateway) -> None:
+    tenant = sqlite_gateway.create_tenant()
+    bad_id = _leave_running(sqlite_gateway.settings.resolved_database_url, tenant, {"variant": "fast", "renamed": 1})
+    body = _until_status(sqlite_gateway, tenant["api_key"], bad_id, "failed")
+    assert body["error"] == "The job's stored input is invalid."
+    auth = {"Authorization": f"Bearer {tenant['api_key']}"}
+    [event] = sqlite_gateway.client.get("/v1/usage", headers=auth).json()["data"]
+    assert event["status"] == "failed" and event["price_usd"] == "0.000000"

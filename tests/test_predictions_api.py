@@ -181,7 +181,7 @@ def test_prefer_wait_answers_starting_when_the_wait_runs_out(slow_gateway: Gatew
         headers={"Authorization": f"Bearer {key}", "Prefer": "wait=3"},
     )
     # Held about 2 s: a second before the 3 s asked for, inside the official client's read timeout of 3.5 s.
-    assert resp.status_code == 201 and 1.5 <= time.monotonic() - t0 < 3
+    assert resp.status_code == 201 and 1.5 <= time.monotonic() - t0 < 3.5
     assert resp.headers["Preference-Applied"] == "wait=3"
     assert resp.json()["status"] == "starting"  # Replicate's answer, which its client reads as "poll on"
     fal.faults.processing_s = 0.2
@@ -273,7 +273,8 @@ def test_webhooks_arrive_signed_and_verifiable(
     calls = sorted(receiver.calls, key=lambda call: verifier.verify(call[1], call[0])["status"] != "processing")
     bodies = [verifier.verify(body, headers) for headers, body in calls]
     assert [b["status"] for b in bodies] == ["processing", "succeeded"]  # start, and completed
-    assert all(b["id"] == p.id for b in bodies) and bodies[1]["output"] == p.output
+    files = [url.split("?")[0] for url in p.output]  # the same files; each signed URL has its own expiry
+    assert all(b["id"] == p.id for b in bodies) and [u.split("?")[0] for u in bodies[1]["output"]] == files
     assert len({h["webhook-id"] for h, _ in calls}) == 2
     headers, body = calls[1]
     with pytest.raises(WebhookVerificationError):

@@ -35,8 +35,8 @@ from inference.variants import RESOLUTIONS, Variant, nearest_resolution
 
 router = APIRouter(tags=["predictions"])
 
-_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$")
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,7}))?\s*$")
+_DURATION = re.compile(r"^(?:(\d{1,7})h)?(?:(\d{1,7})m)?(?:(\d{1,7})s)?$")
 _RATIO = re.compile(r"^(\d{1,2}):(\d{1,2})$")
 PAGE_SIZE = 100
 MAX_CANCEL_AFTER = 7 * 24 * 3600
@@ -303,6 +303,8 @@ def _cursor(direction: str, p: Prediction) -> str:
 
 
 def _parse_cursor(cursor: str) -> tuple[str, tuple[datetime, str]]:
+    if len(cursor) > 200:  # ours are about 110 characters; anything longer is not one
+        raise InvalidRequest("Invalid cursor.", param="cursor")
     try:
         direction, at, pid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if direction not in ("b", "a") or not isinstance(pid, str) or not is_id(pid, "gen"):

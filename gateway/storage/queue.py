@@ -64,14 +64,16 @@ async def claim_due(
     SQLite serialises writers (and the embedded mode is one process).
     """
     now = now or utcnow()
+    is_due = or_(
+        and_(Prediction.status == "starting", Prediction.available_at <= now),
+        and_(Prediction.status == "processing", Prediction.lease_expires_at < now),
+    )
+    # A read first: an idle poll then takes no write lock (SQLite has one writer, shared with every request).
+    if await session.scalar(select(Prediction.id).where(is_due).limit(1)) is None:
+        return []
     due = (
         select(Prediction.id)
-        .where(
-            or_(
-                and_(Prediction.status == "starting", Prediction.available_at <= now),
-                and_(Prediction.status == "processing", Prediction.lease_expires_at < now),
-            )
-        )
+        .where(is_due)
         .order_by(Prediction.available_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
