@@ -329,3 +329,26 @@ def test_a_sync_request_retried_with_its_key_on_another_replica_after_a_crash_ge
     assert image_at(http, entry["url"]).size == (1024, 1024)
     assert fal.submits == 1
     assert_each_billed_once(tenant.usage(b), [pid])
+
+
+def test_a_clean_shutdown_hands_its_jobs_over_at_once(
+    fal: FakeFal, spawn: Spawn, http: httpx.Client, tmp_path: Path
+) -> None:
+    """SIGTERM releases the leases: the restarted process re-attaches well before a 30 s lease would run out."""
+    fal.faults.processing_s = 4.0
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    env = gateway_env(fal, data_dir=tmp_path / "data", database_url=database_url) | {"HDG_JOB_LEASE_SECONDS": "30"}
+    gw = spawn("gw", env)
+    tenant = new_tenant(http, gw)
+    ids = [tenant.create(gw).json()["id"] for _ in range(10)]
+    wait_for("every provider job id to be committed", all_committed(database_url, 10))
+    gw.terminate()
+    stopped = time.monotonic()
+    gw.start()
+    done = tenant.wait_all(gw, ids, timeout=25)
+    took = time.monotonic() - stopped
+    assert took < 20, f"the jobs took {took:.1f} s after the shutdown: their leases were not released"
+    assert {body["status"] for body in done.values()} == {"succeeded"}
+    assert fal.submits == 10
+    assert all("Re-attached to the job on fal." in body["logs"] for body in done.values())
+    assert_each_billed_once(tenant.usage(gw), ids)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from gateway.storage.db import open_database
+from gateway.storage.models import IdempotencyKey, utcnow
 from tests.conftest import FAST, Gateway, GatewayFactory
 from tests.fakes.fal import FakeFal
 
@@ -156,3 +161,21 @@ def test_hanging_up_with_a_key_keeps_the_job_and_a_retry_reattaches(fal_gateway:
     assert fal.submits == 1
     usage = _usage(gw, key)
     assert len(usage) == 1 and usage[0]["status"] == "succeeded" and usage[0]["price_usd"] != "0.000000"
+
+
+def test_a_key_is_kept_for_24_hours_then_free_again(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    key = gw.create_tenant()["api_key"]
+    first = _post(gw, key, "daily")
+    assert _post(gw, key, "daily", prompt="another fox").status_code == 409
+
+    async def age(hours: float) -> None:
+        async with open_database(gw.settings.resolved_database_url) as engine, engine.begin() as conn:
+            await conn.execute(update(IdempotencyKey).values(created_at=utcnow() - timedelta(hours=hours)))
+
+    asyncio.run(age(23.9))
+    assert _post(gw, key, "daily").json()["id"] == first.json()["id"]  # still the same request
+    asyncio.run(age(24.1))
+    again = _post(gw, key, "daily", prompt="another fox")
+    assert again.status_code == 200 and again.json()["id"] != first.json()["id"]
+    assert len(_usage(gw, key)) == 2
