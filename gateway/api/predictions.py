@@ -11,10 +11,11 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -114,19 +115,29 @@ def _wait_seconds(prefer: str | None) -> int | None:
     return None
 
 
-async def _create(
-    state: AppState,
-    principal: Principal,
-    request: Request,
-    response: Response,
-    body: CreatePrediction,
-    name: str,
-    variant: Variant,
-    prefer: str | None,
-    cancel_after: str | None,
-    key: str | None,
-) -> dict[str, Any]:
-    arrived = time.monotonic()
+@dataclass
+class Creation:
+    """What a create call brings besides its body: who, where, and Replicate's request headers."""
+
+    principal: PrincipalDep
+    state: StateDep
+    request: Request
+    response: Response
+    prefer: Annotated[str | None, Header(alias="Prefer")] = None
+    cancel_after: Annotated[str | None, Header(alias="Cancel-After")] = None
+    key: Annotated[str | None, Header(alias="Idempotency-Key")] = None
+    arrived: float = field(init=False)  # not a parameter: FastAPI reads __init__ to find what to inject
+
+    def __post_init__(self) -> None:
+        self.arrived = time.monotonic()
+
+
+CreationDep = Annotated[Creation, Depends()]
+
+
+async def _create(c: Creation, body: CreatePrediction, variant: Variant) -> dict[str, Any]:
+    state, principal, request, response = c.state, c.principal, c.request, c.response
+    prefer, cancel_after, key, arrived = c.prefer, c.cancel_after, c.key, c.arrived
     i = body.input
     if body.stream:
         raise InvalidRequest("Streaming output is not supported for image models.", param="stream")
@@ -219,52 +230,23 @@ def _model(owner: str, name: str) -> tuple[str, Variant]:
     return found
 
 
-PreferHeader = Annotated[str | None, Header(alias="Prefer")]
-CancelAfterHeader = Annotated[str | None, Header(alias="Cancel-After")]
-KeyHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
-
-
 @router.post("/v1/predictions", status_code=201)
-async def create_prediction(
-    body: CreatePrediction,
-    principal: PrincipalDep,
-    state: StateDep,
-    request: Request,
-    response: Response,
-    prefer: PreferHeader = None,
-    cancel_after: CancelAfterHeader = None,
-    idempotency_key: KeyHeader = None,
-) -> dict[str, Any]:
+async def create_prediction(body: CreatePrediction, creation: CreationDep) -> dict[str, Any]:
     """Create a prediction; ``version`` names the model (``owner/name``, ``owner/name:<id>`` or a bare id)."""
     if body.version is None:
         raise InvalidRequest("'version' is required here.", param="version")
     found = resolve(body.version)
     if found is None:
         raise InvalidRequest(f"Unknown version '{body.version}'. Models: {', '.join(sorted(MODELS))}.", param="version")
-    name, variant = found
-    return await _create(
-        state, principal, request, response, body, name, variant, prefer, cancel_after, idempotency_key
-    )
+    return await _create(creation, body, found[1])
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201)
 async def create_model_prediction(
-    owner: str,
-    name: str,
-    body: CreatePrediction,
-    principal: PrincipalDep,
-    state: StateDep,
-    request: Request,
-    response: Response,
-    prefer: PreferHeader = None,
-    cancel_after: CancelAfterHeader = None,
-    idempotency_key: KeyHeader = None,
+    owner: str, name: str, body: CreatePrediction, creation: CreationDep
 ) -> dict[str, Any]:
     """Create a prediction of the model's latest version."""
-    model, variant = _model(owner, name)
-    return await _create(
-        state, principal, request, response, body, model, variant, prefer, cancel_after, idempotency_key
-    )
+    return await _create(creation, body, _model(owner, name)[1])
 
 
 async def _own(session: SessionDep, principal: Principal, prediction_id: str) -> Prediction:
