@@ -1,0 +1,162 @@
+"""The job engine's guarantees, driven directly: a settle that loses never reports success, leases fence runners."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import asdict
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import func, select, update
+
+from gateway.backends.base import ImageJob, ImageResult
+from gateway.health import HealthBoard
+from gateway.jobs import JobRunner
+from gateway.settings import default_backend_costs
+from gateway.storage import queue, repo
+from gateway.storage.db import open_database, session_factory
+from gateway.storage.files import FileStore
+from gateway.storage.models import Prediction, StoredFile, UsageEvent, new_id, utcnow
+
+JOB = ImageJob(variant="fast", prompt="a fox", width=64, height=64, seed=1)
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class HeldBackend:
+    """A backend whose one generation waits until the test lets it finish (a real PNG then)."""
+
+    name = kind = "local"
+    variants = frozenset({"fast"})
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
+        self.started.set()
+        await self.finish.wait()
+        return ImageResult([_png()], "image/png", 64, 64, job.seed)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _setup(url: str, tmp: Path) -> tuple[Any, JobRunner, HeldBackend, Prediction]:
+    engine_cm = open_database(url)
+    engine = await engine_cm.__aenter__()
+    sessions = session_factory(engine)
+    async with sessions.begin() as session:
+        tenant = await repo.create_tenant(session, name="acme")
+        key = await repo.add_key(session, tenant_id=tenant.id, key_hash="0" * 64, display_prefix="hdg_test")
+        now = utcnow()
+        p = Prediction(
+            id=new_id("gen"),
+            tenant_id=tenant.id,
+            api_key_id=key.id,
+            model="hidream-i1-fast",
+            status="processing",
+            prompt=JOB.prompt,
+            params={},
+            width=64,
+            height=64,
+            n=1,
+            seed=1,
+            attempts=0,
+            created_at=now,
+            job=asdict(JOB),
+            route="cheapest",
+            available_at=now,
+            deadline_at=now + timedelta(minutes=1),
+            lease_owner="run_me",
+            lease_expires_at=now + timedelta(minutes=1),
+            started_at=now,
+            cancel_requested=False,
+            logs="",
+        )
+        await queue.insert_job(session, p)
+    backend = HeldBackend()
+    health = HealthBoard()
+    health.register(backend.name, max_in_flight=4)
+    runner = JobRunner(
+        sessions=sessions,
+        backends=[backend],
+        files=FileStore(tmp / "files"),
+        prices={"hidream-i1-fast": Decimal("0.01")},
+        costs=default_backend_costs(),
+        gpu_usd_per_second=Decimal("0.001"),
+        health=health,
+        attempt_timeout=30,
+    )
+    return engine_cm, runner, backend, p
+
+
+def test_a_settle_that_loses_never_reports_success(database_url: str, tmp_path: Path) -> None:
+    """Another runner settled the job while this one generated: no success, no files, no second usage event."""
+
+    async def scenario() -> None:
+        engine_cm, runner, backend, p = await _setup(database_url, tmp_path)
+        try:
+            running = asyncio.create_task(runner.execute(p, owner="run_me", allowed=None, why=lambda: None))
+            await backend.started.wait()
+            async with runner.sessions.begin() as session:  # e.g. a cancel, or a runner that took the lease over
+                other = await queue.load(session, prediction_id=p.id)
+                assert other is not None
+                assert await repo.finish_prediction(
+                    session,
+                    prediction=other,
+                    status="canceled",
+                    backend=None,
+                    latency_ms=0,
+                    price_usd=Decimal(0),
+                    images=0,
+                    width=64,
+                    height=64,
+                    expected=queue.ACTIVE,
+                )
+            backend.finish.set()
+            finished = await running
+            assert finished.prediction.status == "canceled" and finished.error is not None
+            assert finished.files == [] and finished.images is None
+            async with runner.sessions() as session:
+                assert await session.scalar(select(func.count()).select_from(StoredFile)) == 0
+                events = (await session.scalars(select(UsageEvent))).all()
+            assert [(e.status, e.price_usd) for e in events] == [("canceled", Decimal(0))]
+            assert not any((tmp_path / "files").rglob("*.png"))  # the image that lost is not left on disk
+        finally:
+            await engine_cm.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
+
+
+def test_a_runner_that_lost_its_lease_writes_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    """The lease moved to another runner mid-generation: this one's success is not recorded or billed."""
+
+    async def scenario() -> None:
+        engine_cm, runner, backend, p = await _setup(sqlite_url, tmp_path)
+        try:
+            running = asyncio.create_task(runner.execute(p, owner="run_me", allowed=None, why=lambda: None))
+            await backend.started.wait()
+            async with runner.sessions.begin() as session:  # run_me stalled; its lease ran out and run_b took it
+                await session.execute(update(Prediction).where(Prediction.id == p.id).values(lease_owner="run_b"))
+            backend.finish.set()
+            finished = await running
+            assert finished.prediction.status == "processing" and finished.prediction.lease_owner == "run_b"
+            async with runner.sessions() as session:
+                assert await session.scalar(select(func.count()).select_from(UsageEvent)) == 0
+                assert await session.scalar(select(func.count()).select_from(StoredFile)) == 0
+        finally:
+            await engine_cm.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
