@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -24,7 +24,7 @@ from gateway import webhooks
 from gateway.auth import Principal
 from gateway.backends.base import ImageJob
 from gateway.errors import IdempotencyConflict
-from gateway.jobs import Finished, JobRunner, Why, at, error_from
+from gateway.jobs import Finished, JobRunner, Why, error_from
 from gateway.metering import check_budget
 from gateway.predictions import prediction_json
 from gateway.routing import Route
@@ -35,6 +35,11 @@ from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_i
 log = logging.getLogger("hidream_gateway.engine")
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+def at(seconds: float | None, *, now: datetime) -> datetime | None:
+    """``seconds`` after ``now``, or None."""
+    return None if seconds is None else now + timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -251,11 +256,8 @@ class Engine:
                     self._why[prediction_id] = "cancel"
                     task.cancel()
                 await asyncio.wait({task}, timeout=10)
-        async with self.sessions() as session:
-            row = await repo.get_prediction(session, tenant_id=tenant_id, prediction_id=prediction_id)
-            if row is not None:
-                await session.refresh(row)
-            return row
+        async with self.sessions() as session:  # a new session: the row as it stands now
+            return await repo.get_prediction(session, tenant_id=tenant_id, prediction_id=prediction_id)
 
     def running_here(self, prediction_id: str) -> bool:
         """Whether this process is running the job now."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -587,8 +587,3 @@ async def _finish_despite_cancels(work: Awaitable[None]) -> None:
         except asyncio.CancelledError:
             continue
     task.result()
-
-
-def at(seconds: float | None, *, now: datetime | None = None) -> datetime | None:
-    """``seconds`` from now as a moment, or None."""
-    return None if seconds is None else (now or utcnow()) + timedelta(seconds=seconds)

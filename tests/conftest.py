@@ -21,6 +21,7 @@ from inference.serving import GenerationQueue
 from inference.tiny import build_tiny_pipeline
 from inference.variants import VARIANTS
 from inference.worker import create_worker_app
+from tests.fakes.fal import FakeFal
 from tests.fakes.server import ServerThread
 
 ADMIN_TOKEN = "test-admin-token"
@@ -158,3 +159,21 @@ def worker_app(runner: HiDreamRunner) -> Iterator[ServerThread]:
     app = create_worker_app(queue, token=WORKER_TOKEN, variants=frozenset(VARIANTS))
     with ServerThread(app) as server:
         yield server
+
+
+@pytest.fixture
+def fal() -> Iterator[FakeFal]:
+    """The fake fal queue API on a loopback port."""
+    with FakeFal() as fake:
+        yield fake
+
+
+def fal_only(fal: FakeFal) -> dict[str, Any]:
+    """Settings for a gateway whose one backend is ``fal`` (outputs allowed from the fake's own origin)."""
+    return {
+        "backends": ["fal"],
+        "fal_key": fal.key,
+        "fal_base_url": fal.url,
+        "fal_output_hosts": [fal.url],
+        "provider_poll_seconds": 0.05,
+    }

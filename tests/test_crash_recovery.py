@@ -40,12 +40,6 @@ Spawn = Callable[[str, Mapping[str, str]], GatewayProcess]
 
 
 @pytest.fixture
-def fal() -> Iterator[FakeFal]:
-    with FakeFal() as fake:
-        yield fake
-
-
-@pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     """Start gateway processes; every one is SIGKILLed at the end, and their logs printed (shown on failure)."""
     started: list[GatewayProcess] = []

@@ -18,12 +18,6 @@ from tests.fakes.server import ServerThread
 
 
 @pytest.fixture
-def fal() -> Iterator[FakeFal]:
-    with FakeFal() as fake:
-        yield fake
-
-
-@pytest.fixture
 def replicate() -> Iterator[FakeReplicate]:
     with FakeReplicate() as fake:
         yield fake

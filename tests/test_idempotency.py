@@ -6,7 +6,6 @@ import asyncio
 import base64
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +15,7 @@ from sqlalchemy import update
 
 from gateway.storage.db import open_database
 from gateway.storage.models import IdempotencyKey, utcnow
-from tests.conftest import FAST, Gateway, GatewayFactory
+from tests.conftest import FAST, Gateway, GatewayFactory, fal_only
 from tests.fakes.fal import FakeFal
 
 MODEL = "hidream-ai/hidream-i1-fast"
@@ -101,21 +100,11 @@ def test_concurrent_duplicates_make_one_job(gateway: Gateway) -> None:
 
 
 @pytest.fixture
-def fal() -> Iterator[FakeFal]:
-    with FakeFal() as fake:
-        yield fake
-
-
-@pytest.fixture
 def fal_gateway(make_gateway: GatewayFactory, sqlite_url: str, fal: FakeFal) -> Gateway:
     return make_gateway(
         sqlite_url,
         from_settings=True,
-        backends=["fal"],
-        fal_key=fal.key,
-        fal_base_url=fal.url,
-        fal_output_hosts=[fal.url],
-        provider_poll_seconds=0.05,
+        **fal_only(fal),
     )
 
 

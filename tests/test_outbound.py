@@ -79,12 +79,6 @@ def recorder() -> Iterator[Recorder]:
 
 
 @pytest.fixture
-def fal() -> Iterator[FakeFal]:
-    with FakeFal() as fake:
-        yield fake
-
-
-@pytest.fixture
 def replicate() -> Iterator[FakeReplicate]:
     with FakeReplicate() as fake:
         yield fake

@@ -16,7 +16,7 @@ from replicate.exceptions import ReplicateError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from gateway.predictions import VERSIONS
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import Gateway, GatewayFactory, fal_only
 from tests.fakes.fal import FakeFal
 from tests.fakes.server import ServerThread
 
@@ -151,23 +151,13 @@ def test_errors_are_problem_json(sqlite_gateway: Gateway) -> None:
 
 
 @pytest.fixture
-def fal() -> Iterator[FakeFal]:
-    with FakeFal() as fake:
-        yield fake
-
-
-@pytest.fixture
 def slow_gateway(make_gateway: GatewayFactory, database_url: str, fal: FakeFal) -> Gateway:
     """A gateway whose one backend is fake fal, whose jobs take 30 s unless a test changes that."""
     fal.faults.processing_s = 30
     return make_gateway(
         database_url,
         from_settings=True,
-        backends=["fal"],
-        fal_key=fal.key,
-        fal_base_url=fal.url,
-        fal_output_hosts=[fal.url],
-        provider_poll_seconds=0.05,
+        **fal_only(fal),
     )
 
 

@@ -21,7 +21,7 @@ from gateway.errors import GenerationTimeout, InvalidRequest, ModelNotFound, Not
 from gateway.jobs import error_from
 from gateway.routing import Route
 from gateway.storage import repo
-from gateway.storage.models import Prediction, StoredFile, is_id
+from gateway.storage.models import Prediction, StoredFile
 from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
 
 router = APIRouter(tags=["images"])
@@ -221,9 +221,7 @@ async def get_generation(
     request: Request,
 ) -> dict[str, Any]:
     """A past generation of the caller's, with fresh signed URLs; another tenant's id is a 404."""
-    p = None
-    if is_id(prediction_id, "gen"):
-        p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
     if p is None:
         raise NotFound(f"No generation with id '{prediction_id}'.", param="id")
     files = await repo.list_files(session, prediction_id=p.id)

@@ -250,9 +250,7 @@ async def create_model_prediction(
 
 
 async def _own(session: SessionDep, principal: Principal, prediction_id: str) -> Prediction:
-    p = None
-    if is_id(prediction_id, "gen"):
-        p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
+    p = await repo.get_prediction(session, tenant_id=principal.tenant.id, prediction_id=prediction_id)
     if p is None:  # another tenant's prediction reads exactly like a missing one
         raise NotFound(f"Prediction {prediction_id} not found.")
     return p

@@ -21,8 +21,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "starting": frozenset({"processing", "canceled", "failed"}),  # claimed, canceled before it ran, expired
     "processing": frozenset({"starting", "succeeded", "failed", "canceled"}),  # deferred (no capacity), or done
 }
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-ACTIVE = ("starting", "processing")
+ACTIVE = tuple(TRANSITIONS)  # the states a job leaves; every guarded update below expects one of them
+TERMINAL = frozenset().union(*TRANSITIONS.values()) - set(TRANSITIONS)
 
 
 def _won(result: Any) -> bool:

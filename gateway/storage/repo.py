@@ -19,6 +19,7 @@ from gateway.storage.models import (
     Tenant,
     TenantSpend,
     UsageEvent,
+    is_id,
     utcnow,
 )
 
@@ -82,7 +83,9 @@ def _columns(row: Base) -> dict[str, Any]:
 
 
 async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
-    """A tenant's prediction; another tenant's id reads as missing."""
+    """A tenant's prediction; another tenant's id, or one that is not an id at all, reads as missing."""
+    if not is_id(prediction_id, "gen"):  # checked before any query: client text never reaches the database
+        return None
     stmt = select(Prediction).where(Prediction.id == prediction_id, Prediction.tenant_id == tenant_id)
     return (await session.scalars(stmt)).first()
 
