@@ -151,7 +151,7 @@ def problem_response(exc: GatewayError) -> JSONResponse:
     """``application/problem+json`` as Replicate answers: input errors are 422, the rest keep their status."""
     status = 422 if exc.status_code == 400 else exc.status_code
     body: dict[str, Any] = {
-        "type": f"https://hidream-gateway.dev/problems/{exc.code or exc.error_type}",
+        "type": f"urn:hidream-gateway:problem:{exc.code or exc.error_type}",  # a name, not a page we host
         "title": TITLES.get(status, "Error"),
         "status": status,
         "detail": exc.message,

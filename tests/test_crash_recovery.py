@@ -346,3 +346,20 @@ def test_a_clean_shutdown_hands_its_jobs_over_at_once(
     assert fal.submits == 10
     assert all("Re-attached to the job on fal." in body["logs"] for body in done.values())
     assert_each_billed_once(tenant.usage(gw), ids)
+
+
+def test_a_cancel_sent_to_one_replica_stops_a_job_running_on_another(
+    fal: FakeFal, spawn: Spawn, http: httpx.Client, tmp_path: Path, postgres_url: str
+) -> None:
+    """B flags the job; A's heartbeat brings the flag back, cancels at the provider and settles it unbilled."""
+    fal.faults.processing_s = 30.0
+    env = gateway_env(fal, data_dir=tmp_path / "shared", database_url=postgres_url)
+    a, b = spawn("a", env), spawn("b", env)
+    tenant = new_tenant(http, a)
+    pid = tenant.create(a).json()["id"]
+    wait_for("the job to reach the provider", all_committed(postgres_url, 1))
+    assert http.post(f"{b.url}/v1/predictions/{pid}/cancel", headers=tenant.auth).status_code == 200
+    done = tenant.wait_all(b, [pid], timeout=LEASE_S + 10)
+    assert done[pid]["status"] == "canceled"
+    assert fal.submits == 1 and [job.cancelled for job in fal._jobs.values()] == [True]
+    assert [(e["status"], e["price_usd"]) for e in tenant.usage(a)] == [("canceled", "0.000000")]

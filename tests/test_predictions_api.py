@@ -296,3 +296,84 @@ def test_webhooks_arrive_signed_and_verifiable(
         )
         assert resp.status_code == 422, bad
     assert len(client.predictions.list().results) == 2
+
+
+def test_a_bare_version_id_the_model_and_a_random_seed(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    key = gw.create_tenant()["api_key"]
+    auth = {"Authorization": f"Bearer {key}", "Prefer": "wait"}
+    made = gw.client.post(
+        "/v1/predictions", json={"version": VERSIONS[MODEL], "input": INPUT | {"seed": -1}}, headers=auth
+    )
+    assert made.status_code == 201 and made.json()["status"] == "succeeded", made.text
+    assert made.json()["model"] == MODEL and made.json()["version"] == VERSIONS[MODEL]
+    seeds = {gw.client.get(f"/v1/images/generations/{made.json()['id']}", headers=auth).json()["seed"]}
+    again = gw.client.post(
+        "/v1/predictions", json={"version": VERSIONS[MODEL], "input": INPUT | {"seed": -1}}, headers=auth
+    )
+    seeds.add(gw.client.get(f"/v1/images/generations/{again.json()['id']}", headers=auth).json()["seed"])
+    assert len(seeds) == 2  # -1 draws a seed each time, and the drawn one is recorded
+    model = gw.client.get(f"/v1/models/{MODEL}", headers=auth).json()
+    assert model["latest_version"]["id"] == VERSIONS[MODEL]
+    assert "prompt" in model["latest_version"]["openapi_schema"]["components"]["schemas"]["Input"]["properties"]
+
+
+def test_job_settings_reach_the_engine(make_gateway: GatewayFactory, sqlite_url: str, fal: FakeFal) -> None:
+    """HDG_JOB_CONCURRENCY queues what does not fit; HDG_PREDICTION_TIMEOUT_SECONDS fails a prediction, unbilled,
+    unless a longer Cancel-After was asked for; HDG_OUTPUT_MAX_BYTES refuses an output over it."""
+    fal.faults.processing_s = 0.3
+    gw = make_gateway(sqlite_url, from_settings=True, job_concurrency=1, prediction_timeout_seconds=3, **fal_only(fal))
+    key = gw.create_tenant()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    created = [gw.client.post(f"/v1/models/{MODEL}/predictions", json={"input": INPUT}, headers=auth) for _ in range(3)]
+    assert [c.json()["status"] for c in created] == ["processing", "starting", "starting"]  # one runs, two wait
+    client = _client(gw, key)
+    for c in created:
+        p = client.predictions.get(c.json()["id"])
+        p.wait()
+        assert p.status == "succeeded", p.error
+
+    fal.faults.processing_s = 30
+    timed = client.predictions.create(model=MODEL, input=INPUT)
+    t0 = time.monotonic()
+    timed.wait()
+    assert timed.status == "failed" and time.monotonic() - t0 < 8, timed.error
+    longer = gw.client.post(
+        f"/v1/models/{MODEL}/predictions", json={"input": INPUT}, headers=auth | {"Cancel-After": "6s"}
+    ).json()
+    waited = client.predictions.get(longer["id"])
+    waited.wait()
+    assert waited.status == "canceled"  # by the 6 s Cancel-After, not failed at the 3 s timeout
+    billed = {e["prediction_id"]: (e["status"], e["price_usd"]) for e in _usage(gw, key)}
+    assert billed[timed.id] == ("failed", "0.000000") and billed[waited.id] == ("canceled", "0.000000")
+
+    fal.faults.processing_s = 0
+    small = make_gateway(sqlite_url, from_settings=True, output_max_bytes=2048, **fal_only(fal))
+    refused = small.client.post("/v1/images/generations", json={"prompt": "a fox"}, headers=auth)
+    assert refused.status_code == 502 and "larger than 2048 bytes" in refused.json()["error"]["message"]
+
+
+def test_a_prediction_no_backend_has_room_for_waits_its_turn(
+    make_gateway: GatewayFactory, sqlite_url: str, fal: FakeFal
+) -> None:
+    fal.faults.processing_s = 1.5
+    gw = make_gateway(sqlite_url, from_settings=True, provider_max_in_flight=1, **fal_only(fal))
+    key = gw.create_tenant()["api_key"]
+    client = _client(gw, key)
+    first, second = (client.predictions.create(model=MODEL, input=INPUT) for _ in range(2))
+    time.sleep(0.5)
+    assert client.predictions.get(second.id).status == "starting"  # fal is full: back in the queue, not failed
+    assert fal.submits == 1
+    for p in (first, second):
+        p.wait()
+        assert p.status == "succeeded", p.error
+    assert fal.submits == 2
+    # The synchronous OpenAI call does not queue: with fal full it answers 503 at once.
+    client.predictions.create(model=MODEL, input=INPUT)
+    deadline = time.monotonic() + 10
+    while fal.submits < 3 and time.monotonic() < deadline:  # until fal holds it
+        time.sleep(0.05)
+    busy = gw.client.post(
+        "/v1/images/generations", json={"prompt": "a fox"}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "backend_busy" and "Retry-After" in busy.headers
