@@ -12,6 +12,8 @@ from PIL import Image
 from inference.runner import GenerateParams, HiDreamRunner
 from inference.variants import VARIANTS
 
+ROUNDING_LEVELS = 3  # what batch-size rounding may move a pixel by; wrong noise moves it by tens or more
+
 
 def _diff(a: bytes, b: bytes) -> np.ndarray:
     """Per-channel absolute differences of two encoded images, in 8-bit levels."""
@@ -33,10 +35,11 @@ def test_image_i_is_image_0_of_seed_plus_i(runner: HiDreamRunner, variant: str) 
     alone_5 = runner.generate(_params(variant, seed=5)).images[0]
     alone_6 = runner.generate(_params(variant, seed=6)).images[0]
     assert runner.generate(_params(variant, seed=6)).images[0] == alone_6  # same request, same bytes
-    # Across batch sizes the CPU's matmuls may round differently in the last bit; one 8-bit level allows that,
-    # while a different noise draw moves pixels by tens to hundreds of levels.
+    # Across batch sizes the CPU's matmuls may round differently in the last bit, and full's guided multistep
+    # solver carries that through its steps (2 levels seen once in CI, 1 usually); a different noise draw moves
+    # pixels by tens to hundreds of levels, so a bound of a few levels still tells the two apart.
     worst = int(_diff(pair[0], alone_5).max()), int(_diff(pair[1], alone_6).max())
-    assert worst[0] <= 1 and worst[1] <= 1, f"levels apart: {worst}"
+    assert worst[0] <= ROUNDING_LEVELS and worst[1] <= ROUNDING_LEVELS, f"levels apart: {worst}"
     assert _diff(alone_5, alone_6).mean() > 5  # the seed matters
 
 
@@ -47,4 +50,4 @@ def test_flash_scheduler_noise_follows_the_seed_under_guidance(runner: HiDreamRu
     pair = runner.generate(_params(variant, seed=9, n=2, guidance_scale=3.0)).images
     alone = runner.generate(_params(variant, seed=10, guidance_scale=3.0)).images[0]
     worst = int(_diff(pair[1], alone).max())
-    assert worst <= 1, f"levels apart: {worst}"
+    assert worst <= ROUNDING_LEVELS, f"levels apart: {worst}"
