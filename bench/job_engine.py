@@ -57,7 +57,7 @@ from gateway.jobs import JobRunner
 from gateway.routing import Route
 from gateway.settings import DEFAULT_PRICES, default_backend_costs
 from gateway.storage.db import create_engine, session_factory, upgrade
-from gateway.storage.files import FileStore, UrlSigner
+from gateway.storage.files import LocalFileStore, UrlSigner
 from gateway.storage.models import Prediction, UsageEvent
 from tests.fakes.fal import FakeFal
 
@@ -222,7 +222,7 @@ def build_engine(
     runner = JobRunner(
         sessions=sessions,
         backends=[backend],
-        files=FileStore(root / "files"),
+        files=LocalFileStore(root / "files"),
         prices=DEFAULT_PRICES,
         costs=default_backend_costs(),
         gpu_usd_per_second=Decimal("0.001097"),

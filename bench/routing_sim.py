@@ -179,7 +179,7 @@ async def _phase(url: str, key: str, count: int, concurrency: int) -> list[httpx
 
 
 def _usage(url: str, admin: dict[str, str]) -> list[dict[str, Any]]:
-    body = httpx.get(f"{url}/admin/usage", params={"limit": 10_000}, headers=admin, timeout=60).json()
+    body = httpx.get(f"{url}/admin/usage/events", params={"limit": 10_000}, headers=admin, timeout=60).json()
     data: list[dict[str, Any]] = body["data"]
     return data
 

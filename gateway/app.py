@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
 from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.api import admin, files, health, images, predictions, usage, webhooks
 from gateway.auth import ApiKeyAuthenticator
@@ -22,13 +25,15 @@ from gateway.engine import Engine
 from gateway.errors import install_error_handlers
 from gateway.health import HealthBoard
 from gateway.jobs import JobRunner
-from gateway.metering import RateLimiter
+from gateway.limits import RateLimits
+from gateway.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware
 from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.outbound import NetworkPolicy
 from gateway.settings import Settings
 from gateway.state import AppState
+from gateway.storage import repo
 from gateway.storage.db import create_engine, session_factory, upgrade
-from gateway.storage.files import FileStore, UrlSigner
+from gateway.storage.files import UrlSigner, build_file_store
 from gateway.webhooks import WebhookSender
 from inference.serving import model_loader
 
@@ -98,6 +103,20 @@ def build_backends(settings: Settings, client: httpx.AsyncClient) -> list[Backen
     return built
 
 
+async def url_signing_key(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> bytes:
+    """HDG_URL_SIGNING_SECRET, else the key every process and replica shares through the database.
+
+    Whichever process comes first makes it; the others read that one, so a URL signed by one replica verifies on
+    every other. A key file an older version left in the data dir is adopted, so the URLs it signed stay valid.
+    """
+    if settings.url_signing_secret is not None:
+        return settings.url_signing_secret.get_secret_value().encode()
+    legacy = settings.data_dir / "url-signing.key"
+    candidate = legacy.read_text().strip() if legacy.exists() else secrets.token_urlsafe(32)
+    async with sessions.begin() as session:
+        return (await repo.shared_secret(session, name="url_signing_key", candidate=candidate)).encode()
+
+
 def max_in_flight(backend: Backend, settings: Settings) -> int:
     """How many jobs the gateway sends a backend at once before routing looks elsewhere."""
     if isinstance(backend, LocalBackend):
@@ -109,6 +128,13 @@ def max_in_flight(backend: Backend, settings: Settings) -> int:
 
 def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None) -> FastAPI:
     """The gateway app. Pass ``backends`` to use ones built elsewhere (they are then not closed here)."""
+    # One per app, not per module: tests build many apps in one process. Under ``serve --workers N`` the CLI has
+    # set PROMETHEUS_MULTIPROC_DIR, and every worker's values go to files there (gateway/metrics.py).
+    metrics = Metrics(
+        max_tenants=settings.metrics_max_tenants,
+        redis=settings.redis_url is not None,
+        multiprocess_dir=os.environ.get(MULTIPROC_ENV) or None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,8 +149,8 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         for backend in active:
             health.register(backend.name, max_in_flight=max_in_flight(backend, settings))
         sessions = session_factory(engine)
-        file_store = FileStore(settings.files_dir)
-        signer = UrlSigner(settings.signing_key(), ttl_seconds=settings.url_ttl_seconds)
+        file_store = build_file_store(settings)
+        signer = UrlSigner(await url_signing_key(settings, sessions), ttl_seconds=settings.url_ttl_seconds)
         runner = JobRunner(
             sessions=sessions,
             backends=active,
@@ -134,6 +160,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             gpu_usd_per_second=settings.worker_gpu_usd_per_second,
             health=health,
             attempt_timeout=settings.attempt_timeout_seconds,
+            metrics=metrics,
         )
         jobs = Engine(
             sessions=sessions,
@@ -145,6 +172,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             concurrency=settings.job_concurrency,
         )
         outbound = NetworkPolicy(settings.webhook_allowed_networks)
+        limits = RateLimits(_secret(settings.redis_url))
         sender = WebhookSender(sessions=sessions, client=client, policy=outbound, owner=jobs.owner)
         app.state.hdg = AppState(
             settings=settings,
@@ -157,8 +185,9 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             runner=runner,
             jobs=jobs,
             authenticator=ApiKeyAuthenticator(cache_seconds=settings.auth_cache_seconds),
-            rate_limiter=RateLimiter(),
+            limits=limits,
             outbound=outbound,
+            metrics=metrics,
         )
         await jobs.start()
         delivering = asyncio.create_task(sender.run_forever(jobs.webhook_wake), name="webhook deliveries")
@@ -172,7 +201,10 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
                 for backend in active:
                     await backend.aclose()
             await client.aclose()
+            await limits.aclose()
+            await file_store.aclose()
             await engine.dispose()
+            metrics.close()
 
     app = FastAPI(title="hidream-gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -180,6 +212,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it times and counts every answer, 413s too
     return app
 
 

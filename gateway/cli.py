@@ -11,6 +11,7 @@ import shlex
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -18,9 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.api.serialize import USAGE_FIELDS, key_body, tenant_body, usage_row
 from gateway.auth import create_tenant_with_key, issue_key
+from gateway.errors import InvalidRequest
 from gateway.settings import Settings
 from gateway.storage import repo
 from gateway.storage.db import open_database, session_factory
+from gateway.usage import UsageReport, month_period, report_csv, report_json, usage_report
 
 T = TypeVar("T")
 
@@ -81,6 +84,7 @@ def cmd_tenants_create(settings: Settings, args: argparse.Namespace) -> None:
         tenant, key, plaintext = await create_tenant_with_key(
             session, name=args.name, rpm=args.rpm, monthly_budget_usd=args.monthly_budget_usd
         )
+        tenant.max_in_flight = args.max_in_flight
         return {"tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
 
     _print_json(_run_db(settings, work))
@@ -113,7 +117,7 @@ def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> None:
     _print_json(_run_db(settings, work))
 
 
-def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
+def cmd_usage_events(settings: Settings, args: argparse.Namespace) -> None:
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         events = await repo.list_usage(session, tenant_id=args.tenant, limit=1_000_000)
         return [usage_row(e) for e in events]
@@ -125,6 +129,43 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         writer.writerows(rows)
     else:
         _print_json(rows)
+
+
+def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
+    """The invoicing export: one month's billed usage per tenant, UTC day, model and backend."""
+    try:
+        period = month_period(args.period)
+    except InvalidRequest as exc:
+        raise CliError(exc.message) from None
+
+    async def work(session: AsyncSession) -> UsageReport:
+        if args.tenant is not None and await repo.get_tenant(session, tenant_id=args.tenant) is None:
+            raise CliError(f"no tenant with id {args.tenant!r}")
+        return await usage_report(session, period=period, tenant_id=args.tenant, by_tenant=True)
+
+    report = _run_db(settings, work)
+    text = report_csv(report) if args.format == "csv" else json.dumps(report_json(report)) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
+    print(f"wrote {len(report.lines)} rows for {args.period} to {args.output}", file=sys.stderr)
+
+
+def cmd_usage_reconcile(settings: Settings, args: argparse.Namespace) -> None:
+    """Check that predictions, usage events and monthly spend agree; exit status 1 on any mismatch."""
+    from gateway.reconcile import reconcile  # imported on use: no other command needs it
+
+    report = _run_db(settings, reconcile)
+    for line in report.mismatches:
+        print(line)
+    checked = ", ".join(f"{count} {what}" for what, count in report.checked.items())
+    print(f"reconcile: {len(report.mismatches)} mismatch(es); checked {checked or 'nothing'}")
+    if report.mismatches:
+        raise SystemExit(1)
 
 
 def _serve(settings: Settings, host: str, port: int) -> None:
@@ -141,9 +182,23 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         return
     if "local" in settings.backends:
         raise CliError("--workers > 1 would load the local model once per process: serve it with one worker")
+    import os
+    import shutil
+
     import uvicorn
 
+    from gateway.metrics import MULTIPROC_ENV
+
     cmd_db_upgrade(settings, args)  # once, before the processes start
+    # Metrics: each worker writes its values to files in one directory and /metrics, in whichever worker answers,
+    # adds them all up. Set before the workers start: prometheus-client picks its storage when first imported.
+    # Emptied at start (stale files would add a previous run's counts), and one per port, so two gateways sharing
+    # a data dir keep apart. A directory given in the environment is the operator's to manage.
+    if not os.environ.get(MULTIPROC_ENV):
+        directory = settings.data_dir.resolve() / "prometheus" / f"port-{args.port}"
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ[MULTIPROC_ENV] = str(directory)
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
     # Each process builds its own app from the same environment (clients, pools, caches are per process).
     uvicorn.run(
         "gateway.app:app_from_env",
@@ -240,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", type=_name)
     create.add_argument("--rpm", type=_positive, default=None, help="requests per minute limit")
     create.add_argument("--monthly-budget-usd", type=_budget, default=None)
+    create.add_argument("--max-in-flight", type=_positive, default=None, help="jobs queued or running at once")
     create.set_defaults(func=cmd_tenants_create)
     tenants.add_parser("list", help="list tenants").set_defaults(func=cmd_tenants_list)
 
@@ -251,10 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     krevoke.add_argument("key_id")
     krevoke.set_defaults(func=cmd_keys_revoke)
 
-    usage = sub.add_parser("usage", help="list usage events")
-    usage.add_argument("--tenant", default=None)
-    usage.add_argument("--format", choices=["json", "csv"], default="json")
-    usage.set_defaults(func=cmd_usage)
+    usage = sub.add_parser("usage", help="usage events, invoicing export, reconciliation")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
+    events = usage_sub.add_parser("events", help="list usage events")
+    events.add_argument("--tenant", default=None)
+    events.add_argument("--format", choices=["json", "csv"], default="json")
+    events.set_defaults(func=cmd_usage_events)
+    export = usage_sub.add_parser("export", help="billed usage of a month per tenant, UTC day, model and backend")
+    export.add_argument("--period", required=True, help="a UTC calendar month, YYYY-MM")
+    export.add_argument("--tenant", default=None)
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
+    export.add_argument("--output", type=Path, default=None, help="write to this file instead of stdout")
+    export.set_defaults(func=cmd_usage_export)
+    reconcile = usage_sub.add_parser("reconcile", help="check predictions, usage events and spend agree")
+    reconcile.set_defaults(func=cmd_usage_reconcile)
     return parser
 
 

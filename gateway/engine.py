@@ -25,10 +25,10 @@ from gateway.auth import Principal
 from gateway.backends.base import ImageJob
 from gateway.errors import IdempotencyConflict
 from gateway.jobs import Finished, JobRunner, Why, error_from
-from gateway.metering import check_budget
+from gateway.metering import limited, price_usd
 from gateway.predictions import prediction_json
 from gateway.routing import Route
-from gateway.storage import queue, repo
+from gateway.storage import ledger, queue, repo
 from gateway.storage.files import UrlSigner
 from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, utcnow
 
@@ -163,8 +163,15 @@ class Engine:
                         return Submitted(earlier, replayed=True)
                 if precheck is not None:
                     precheck()
-                # One transaction: the budget check and the record of the work it admits.
-                await check_budget(session, tenant=principal.tenant, now=now)
+                if limited(principal):
+                    # One transaction: the reservation and the job it admits. A refusal rolls both back.
+                    job = spec.job
+                    amount = price_usd(
+                        self.runner.prices, model=spec.model, width=job.width, height=job.height, images=job.n
+                    )
+                    month = repo.month_key(now)
+                    await ledger.hold(session, tenant=principal.tenant, key=principal.key, month=month, amount=amount)
+                    p.reserved_usd, p.reserved_month = amount, month
                 await queue.insert_job(session, p)
                 if idempotency is not None:
                     key, fingerprint = idempotency
@@ -273,6 +280,8 @@ class Engine:
         )
         self._tasks[p.id] = task
         self._spawned[p.id] = time.monotonic()
+        if self.runner.metrics is not None:
+            self.runner.metrics.job_started()
         task.add_done_callback(lambda _: self._forget(p.id))
 
     def _wake_sender(self, prediction_id: str) -> None:
@@ -281,6 +290,8 @@ class Engine:
             self.webhook_wake.set()
 
     def _forget(self, prediction_id: str) -> None:
+        if self.runner.metrics is not None:
+            self.runner.metrics.job_ended()
         self._wake_sender(prediction_id)
         task = self._tasks.get(prediction_id)
         if task is not None and self._why.get(prediction_id) not in ("shutdown", "lost") and not self._settled(task):

@@ -87,9 +87,18 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
-class BudgetExceeded(RateLimited):
+class ConcurrencyLimited(RateLimited):
+    """The tenant or key already has as many jobs queued or running as it may."""
+
+    code = "concurrency_limit_exceeded"
+
+
+class BudgetExceeded(GatewayError):
+    """The job's price, reserved on top of this month's spend and open reservations, would pass a budget."""
+
+    status_code = 402
     error_type = "insufficient_quota"
-    code = "insufficient_quota"
+    code = "budget_exceeded"
 
 
 class BackendBusy(GatewayError):
@@ -132,6 +141,7 @@ TITLES = {
     409: "Conflict",
     413: "Request too large",
     422: "Input validation failed",
+    402: "Payment required",
     429: "Too many requests",
     500: "Internal server error",
     502: "Bad gateway",
@@ -181,6 +191,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        state = getattr(request.app.state, "hdg", None)  # absent only if the lifespan failed to start
+        if state is not None:
+            state.metrics.refused(exc.code)  # limits' refusals (budget, rate, concurrency) are counted
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)

@@ -32,10 +32,11 @@ from gateway.errors import (
 )
 from gateway.health import HealthBoard
 from gateway.metering import backend_cost_usd, price_usd
+from gateway.metrics import Metrics
 from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
 from gateway.storage import queue, repo
-from gateway.storage.files import FileStore, SavedFile
+from gateway.storage.files import FileStore
 from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
 log = logging.getLogger("hidream_gateway.jobs")
@@ -114,6 +115,7 @@ class JobRunner:
         on_settle: OnSettle | None = None,
         on_log: OnLog | None = None,
         db_slots: int = 8,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sessions = sessions
         # At most this many of the runner's transactions at once: a burst of thousands of jobs ending together
@@ -129,6 +131,7 @@ class JobRunner:
         self.attempt_timeout = attempt_timeout
         self.on_settle = on_settle
         self.on_log = on_log
+        self.metrics = metrics
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
@@ -315,22 +318,33 @@ class JobRunner:
                     result = await backend.generate(job, timeout=timeout)
         except BackendInputError:
             self.health.success(backend.name, None)  # the backend is fine; the input is not
+            self._count(backend, "invalid_input", t0)
             raise
         except BackendBusy as exc:
             self.health.throttled(backend.name, exc.retry_after)
+            self._count(backend, "busy", t0)
             return exc
         except GatewayError as exc:
             log.warning("attempt on %s failed: %s", backend.name, exc.message)
             self.health.failure(backend.name, exc.message)
+            self._count(backend, "timeout" if isinstance(exc, GenerationTimeout) else "failed", t0)
             return exc
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, asyncio.CancelledError) as exc:
+            # Cancelled: by the tenant, the job's deadline or a shutdown.
+            self._count(backend, "lease_lost" if isinstance(exc, LeaseLost) else "canceled", t0)
             raise
         except Exception as exc:  # a bug or an answer no adapter anticipated: still fail over
             log.exception("attempt on %s raised", backend.name)
             self.health.failure(backend.name, type(exc).__name__)
+            self._count(backend, "failed", t0)
             return BackendFailed(f"{backend.name} failed unexpectedly ({type(exc).__name__}).")
         self.health.success(backend.name, time.monotonic() - t0)
+        self._count(backend, "succeeded", t0)
         return result
+
+    def _count(self, backend: Backend, outcome: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.attempt(backend=backend.name, outcome=outcome, seconds=time.monotonic() - started)
 
     async def _log(self, p: Prediction, owner: str, logs: list[str], line: str) -> None:
         """Note a line for the job's logs: kept for the settle, or written now when a webhook wants ``logs``.
@@ -400,10 +414,11 @@ class JobRunner:
         logs: list[str],
         tried: list[str],
     ) -> Finished:
-        stored = await asyncio.to_thread(self._save_all, p, result)
+        stored = await self._save_all(p, result)
         gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
         latency_ms = int((time.monotonic() - started) * 1000)
         logs.append(f"Succeeded on {served.name}.")
+        price = price_usd(self.prices, model=p.model, width=result.width, height=result.height, images=len(stored))
         try:
             # Shielded: once the images exist, a cancellation must not stop their rows from landing.
             won = await asyncio.shield(
@@ -413,9 +428,7 @@ class JobRunner:
                     status="succeeded",
                     backend=served.name,
                     latency_ms=latency_ms,
-                    price_usd=price_usd(
-                        self.prices, model=p.model, width=result.width, height=result.height, images=len(stored)
-                    ),
+                    price_usd=price,
                     cost_usd=self.cost(served, job, gpu_seconds),
                     attempts=p.attempts + len(tried),
                     images=len(stored),
@@ -433,15 +446,25 @@ class JobRunner:
             landed = {f.id for f in current.files}
             for f in stored:  # files whose rows never landed go (a commit that errored may still have landed)
                 if f.id not in landed:
-                    self.files.delete(f.path)
+                    try:
+                        await self.files.delete(f.path)
+                    except Exception:  # an orphaned object costs storage, not correctness: report the job as is
+                        log.warning("could not delete %s, stored for %s", f.path, p.id, exc_info=True)
             if current.prediction.status == "succeeded" and landed & {f.id for f in stored}:
+                self._count_spend(p, served, price)  # our commit landed after all
                 return Finished(current.prediction, current.files, images=result.images)
             if current.prediction.status in queue.ACTIVE and current.prediction.lease_owner == owner:
                 # Still ours, so the settle itself failed: record a failure (unbilled) instead.
                 error = BackendFailed("The image was made but could not be stored; it is not billed.")
                 return await self._fail(p, owner, started, "failed", error, logs, tried)
             return current  # someone else settled it: report what they recorded, never a success we did not land
+        self._count_spend(p, served, price)
         return Finished(p, stored, images=result.images)
+
+    def _count_spend(self, p: Prediction, served: Backend, price: Decimal) -> None:
+        if self.metrics is not None:  # what the settle billed: capped at the job's hold, as repo.finish_prediction does
+            billed = price if p.reserved_usd is None else min(price, p.reserved_usd)
+            self.metrics.spend(tenant_id=p.tenant_id, backend=served.name, usd=billed)
 
     async def _fail(
         self,
@@ -545,29 +568,33 @@ class JobRunner:
             raise
         return True
 
-    def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
-        stored: list[StoredFile] = []
-        for position, data in enumerate(result.images):
-            file_id = new_id("file")
-            saved: SavedFile = self.files.save(
-                tenant_id=prediction.tenant_id, file_id=file_id, content_type=result.content_type, data=data
-            )
-            stored.append(
-                StoredFile(
-                    id=file_id,
-                    tenant_id=prediction.tenant_id,
-                    prediction_id=prediction.id,
-                    position=position,
-                    content_type=result.content_type,
-                    size_bytes=saved.size_bytes,
-                    sha256=saved.sha256,
-                    path=saved.path,
-                    width=result.width,
-                    height=result.height,
-                    created_at=utcnow(),
+    async def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
+        file_ids = [new_id("file") for _ in result.images]
+        # All at once: to a bucket each save is a round trip, and n images should not take n of them.
+        saved = await asyncio.gather(
+            *(
+                self.files.save(
+                    tenant_id=prediction.tenant_id, file_id=file_id, content_type=result.content_type, data=data
                 )
+                for file_id, data in zip(file_ids, result.images, strict=True)
             )
-        return stored
+        )
+        return [
+            StoredFile(
+                id=file_id,
+                tenant_id=prediction.tenant_id,
+                prediction_id=prediction.id,
+                position=position,
+                content_type=result.content_type,
+                size_bytes=f.size_bytes,
+                sha256=f.sha256,
+                path=f.path,
+                width=result.width,
+                height=result.height,
+                created_at=utcnow(),
+            )
+            for position, (file_id, f) in enumerate(zip(file_ids, saved, strict=True))
+        ]
 
 
 class Deferred(Exception):

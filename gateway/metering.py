@@ -1,21 +1,12 @@
-"""Prices, per-tenant request rate limits and monthly budgets."""
+"""Prices, and which callers are limited (the limits themselves: gateway/storage/ledger.py and gateway/limits.py)."""
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections import deque
 from collections.abc import Mapping
-from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from gateway.errors import BudgetExceeded, RateLimited
+from gateway.auth import Principal
 from gateway.settings import Cost
-from gateway.storage import repo
-from gateway.storage.models import Tenant
 
 MICRO_USD = Decimal("0.000001")
 
@@ -44,39 +35,7 @@ def backend_cost_usd(
     return total.quantize(MICRO_USD, rounding=ROUND_HALF_UP)
 
 
-class RateLimiter:
-    """A per-tenant sliding one-minute window, in this process.
-
-    Each replica counts on its own; a limit shared across replicas (Redis) replaces this later.
-    """
-
-    def __init__(self, window_seconds: float = 60.0) -> None:
-        self.window = window_seconds
-        self._hits: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def check(self, tenant_id: str, rpm: int | None, *, now: float | None = None) -> None:
-        """Count one request, or raise RateLimited (with Retry-After) if the tenant is over ``rpm``."""
-        if rpm is None:
-            return
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            hits = self._hits.setdefault(tenant_id, deque())
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
-            if len(hits) >= rpm:
-                retry = max(1, math.ceil(hits[0] + self.window - now))
-                raise RateLimited(
-                    f"Rate limit of {rpm} requests per minute reached; retry in {retry} s.",
-                    headers={"Retry-After": str(retry)},
-                )
-            hits.append(now)
-
-
-async def check_budget(session: AsyncSession, *, tenant: Tenant, now: datetime) -> None:
-    """Refuse new work once this month's billed usage has reached the tenant's budget."""
-    if tenant.monthly_budget_usd is None:
-        return
-    spent = await repo.month_spend(session, tenant_id=tenant.id, month=repo.month_key(now))
-    if spent >= tenant.monthly_budget_usd:
-        raise BudgetExceeded(f"Monthly budget of ${tenant.monthly_budget_usd} reached (spent ${spent:.6f} this month).")
+def limited(principal: Principal) -> bool:
+    """Whether a job of this caller holds a reservation and a slot: its tenant or key has a budget or a cap."""
+    t, k = principal.tenant, principal.key
+    return any(v is not None for v in (t.monthly_budget_usd, t.max_in_flight, k.monthly_budget_usd, k.max_in_flight))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import secrets
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -100,6 +99,24 @@ class Settings(BaseSettings):
     job_concurrency: int = Field(default=1000, ge=1, description="jobs one process runs (or waits on) at once")
     prediction_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="how long a Replicate-API prediction may queue and run before it fails"
+    )
+
+    # Replicas: shared rate limits, shared image storage, metrics.
+    redis_url: SecretStr | None = Field(
+        default=None, description="redis://host:6379/0; rate limits are shared through it (per process without)"
+    )
+    storage: Literal["local", "s3"] = Field(default="local", description="where images live: the data dir, or S3")
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = Field(default=None, description="an S3-compatible server; None: AWS")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_prefix: str = Field(default="", description="a key prefix inside the bucket, e.g. hdg/")
+    metrics_max_tenants: int = Field(
+        default=100, ge=0, description="tenants labelled by id in /metrics; the rest are counted as 'other'"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="if set, /metrics needs 'Authorization: Bearer <token>'; open without"
     )
 
     # Routing, health and failover.
@@ -220,19 +237,3 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         """Where the tiny model (and other local model caches) live."""
         return self.data_dir / "models"
-
-    def signing_key(self) -> bytes:
-        """The HMAC key for signed file URLs; generated once and kept in the data dir when not configured.
-
-        Several replicas must share one key, so set HDG_URL_SIGNING_SECRET in a multi-replica deployment.
-        """
-        if self.url_signing_secret is not None:
-            return self.url_signing_secret.get_secret_value().encode()
-        path = self.data_dir / "url-signing.key"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(secrets.token_urlsafe(32))
-            tmp.chmod(0o600)
-            os.replace(tmp, path)
-        return path.read_text().strip().encode()

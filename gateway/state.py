@@ -11,7 +11,8 @@ from gateway.backends.base import Backend
 from gateway.engine import Engine
 from gateway.health import HealthBoard
 from gateway.jobs import JobRunner
-from gateway.metering import RateLimiter
+from gateway.limits import RateLimits
+from gateway.metrics import Metrics
 from gateway.outbound import NetworkPolicy
 from gateway.settings import Settings
 from gateway.storage.files import FileStore, UrlSigner
@@ -29,5 +30,6 @@ class AppState:
     runner: JobRunner
     jobs: Engine
     authenticator: ApiKeyAuthenticator
-    rate_limiter: RateLimiter
+    limits: RateLimits
     outbound: NetworkPolicy
+    metrics: Metrics

@@ -23,6 +23,7 @@ from inference.variants import VARIANTS
 from inference.worker import create_worker_app
 from tests.fakes.fal import FakeFal
 from tests.fakes.server import ServerThread
+from tests.s3 import MotoS3
 
 ADMIN_TOKEN = "test-admin-token"
 WORKER_TOKEN = "worker-token"
@@ -177,3 +178,10 @@ def fal_only(fal: FakeFal) -> dict[str, Any]:
         "fal_output_hosts": [fal.url],
         "provider_poll_seconds": 0.05,
     }
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    """A local S3-compatible server for the whole run (tests/s3.py); each test takes its own bucket from it."""
+    with MotoS3() as server:
+        yield server

@@ -10,6 +10,7 @@ import pytest
 from gateway.auth import generate_key, hash_key
 from gateway.storage.files import UrlSigner
 from tests.conftest import ADMIN_TOKEN, Gateway, GatewayFactory
+from tests.test_storage_and_settings import _signing_key
 
 
 def _error(resp: object) -> dict[str, object]:
@@ -99,7 +100,9 @@ def test_tenants_never_see_each_others_generations_or_files(gateway: Gateway) ->
 
     content = gateway.client.get(f"/v1/files/{file_id}/content", headers=as_alice)
     assert content.headers["content-type"] == "image/png" and content.content[:8] == b"\x89PNG\r\n\x1a\n"
-    assert gateway.client.get("/v1/usage", headers=as_bob).json()["data"] == []
+    for path in ("/v1/usage", "/v1/usage/events"):  # the report and the raw events
+        assert gateway.client.get(path, headers=as_bob).json()["data"] == [], path
+        assert gateway.client.get(path, headers=as_alice).json()["data"] != [], path
 
 
 def test_tampered_or_expired_file_urls_are_403(sqlite_gateway: Gateway) -> None:
@@ -117,7 +120,7 @@ def test_tampered_or_expired_file_urls_are_403(sqlite_gateway: Gateway) -> None:
         assert resp.status_code in (400, 403), params
     assert sqlite_gateway.client.get(f"/files/{file_id}", params=later).status_code == 403
 
-    signer = UrlSigner(sqlite_gateway.settings.signing_key(), ttl_seconds=60)
+    signer = UrlSigner(_signing_key(sqlite_gateway.settings), ttl_seconds=60)
     expired = signer.sign(sqlite_gateway.url, file_id, now=time.time() - 120)
     resp = sqlite_gateway.client.get(expired)
     assert resp.status_code == 403 and _error(resp)["code"] == "invalid_signature"

@@ -29,7 +29,7 @@ class _BrokenRunner:
 
 
 def _usage(gw: Gateway, key: str) -> dict[str, Any]:
-    body: dict[str, Any] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    body: dict[str, Any] = gw.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"}).json()
     return body
 
 
@@ -43,7 +43,7 @@ def test_model_that_fails_to_load_makes_the_gateway_unready_and_answers_503(
 
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "backend_unavailable"
     assert "does not exist" in resp.json()["error"]["message"]
-    assert gw.client.get("/readyz").json()["checks"]["backends"] == {"local": "loading"}
+    assert gw.client.get("/readyz").json()["checks"]["backends"] == {"local": "not ready"}
     [event] = _usage(gw, key)["data"]
     assert event["status"] == "failed" and event["price_usd"] == "0.000000"
 
@@ -192,7 +192,7 @@ def test_a_job_a_dead_process_left_running_is_taken_over_and_billed_once(
     second = make_gateway(database_url)  # a restart: its claim loop takes the job over
     _until_status(second, tenant["api_key"], stale_id, "succeeded")
     auth = {"Authorization": f"Bearer {tenant['api_key']}"}
-    [event] = second.client.get("/v1/usage", headers=auth).json()["data"]
+    [event] = second.client.get("/v1/usage/events", headers=auth).json()["data"]
     assert event["prediction_id"] == stale_id and event["status"] == "succeeded" and event["price_usd"] != "0.000000"
 
 
@@ -202,5 +202,5 @@ def test_a_job_whose_stored_input_cannot_be_read_fails_once_instead_of_looping(s
     body = _until_status(sqlite_gateway, tenant["api_key"], bad_id, "failed")
     assert body["error"] == "The job's stored input is invalid."
     auth = {"Authorization": f"Bearer {tenant['api_key']}"}
-    [event] = sqlite_gateway.client.get("/v1/usage", headers=auth).json()["data"]
+    [event] = sqlite_gateway.client.get("/v1/usage/events", headers=auth).json()["data"]
     assert event["status"] == "failed" and event["price_usd"] == "0.000000"

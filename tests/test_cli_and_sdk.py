@@ -83,12 +83,13 @@ def test_openai_sdk_generates_a_png_and_usage_lists_it_once(served: tuple[str, d
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="dall-e-3", prompt="x")
 
-    usage = _cli(env, "usage", "--format", "json")
+    usage = _cli(env, "usage", "events", "--format", "json")
     [event] = [e for e in usage if e["tenant_id"] == created["tenant_id"]]
     assert event["model"] == "hidream-i1-fast" and event["images"] == 1
     assert event["status"] == "succeeded" and event["price_usd"] == "0.010486"
 
-    rows = list(csv.DictReader(io.StringIO(_cli(env, "usage", "--tenant", created["tenant_id"], "--format", "csv"))))
+    listed = _cli(env, "usage", "events", "--tenant", created["tenant_id"], "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(listed)))
     assert [(r["prediction_id"], r["price_usd"]) for r in rows] == [(event["prediction_id"], "0.010486")]
 
 

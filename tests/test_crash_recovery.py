@@ -94,7 +94,7 @@ class Tenant:
         return body
 
     def usage(self, gw: GatewayProcess) -> list[dict[str, Any]]:
-        resp = self.http.get(f"{gw.url}/v1/usage", params={"limit": 10_000}, headers=self.auth)
+        resp = self.http.get(f"{gw.url}/v1/usage/events", params={"limit": 10_000}, headers=self.auth)
         assert resp.status_code == 200, resp.text
         data: list[dict[str, Any]] = resp.json()["data"]
         return data

@@ -19,7 +19,7 @@ from gateway.jobs import JobRunner
 from gateway.settings import default_backend_costs
 from gateway.storage import queue, repo
 from gateway.storage.db import open_database, session_factory
-from gateway.storage.files import FileStore
+from gateway.storage.files import LocalFileStore
 from gateway.storage.models import Prediction, StoredFile, UsageEvent, new_id, utcnow
 
 JOB = ImageJob(variant="fast", prompt="a fox", width=64, height=64, seed=1)
@@ -92,7 +92,7 @@ async def _setup(url: str, tmp: Path) -> tuple[Any, JobRunner, HeldBackend, Pred
     runner = JobRunner(
         sessions=sessions,
         backends=[backend],
-        files=FileStore(tmp / "files"),
+        files=LocalFileStore(tmp / "files"),
         prices={"hidream-i1-fast": Decimal("0.01")},
         costs=default_backend_costs(),
         gpu_usd_per_second=Decimal("0.001"),

@@ -48,7 +48,7 @@ def providers(
 
 
 def _usage(gw: Gateway, key: str) -> dict[str, Any]:
-    body: dict[str, Any] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    body: dict[str, Any] = gw.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"}).json()
     return body
 
 

@@ -36,7 +36,7 @@ def test_generate_returns_signed_url_to_a_real_png_and_bills_once(gateway: Gatew
     img = _image(image.content)
     assert img.format == "PNG" and img.size == (1024, 1024)
 
-    usage = gateway.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    usage = gateway.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"}).json()
     [event] = usage["data"]
     assert event["prediction_id"] == body["id"]
     assert event["status"] == "succeeded" and event["images"] == 1 and event["backend"] == "local"
@@ -120,7 +120,7 @@ def test_timeout_fails_the_prediction_and_bills_nothing(make_gateway: GatewayFac
 
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "timeout"
-    usage = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    usage = gw.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"}).json()
     [event] = usage["data"]
     assert event["status"] == "failed" and event["price_usd"] == "0.000000"
     assert usage["summary"]["price_usd"] == "0.000000"

@@ -35,7 +35,8 @@ def _image(url: str) -> Image.Image:
 
 
 def _usage(gw: Gateway, key: str) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = gw.client.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    resp = gw.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"})
+    data: list[dict[str, Any]] = resp.json()["data"]
     return data
 
 

@@ -12,9 +12,10 @@ from alembic.migration import MigrationContext
 from pydantic import ValidationError
 from sqlalchemy import inspect
 
+from gateway.app import url_signing_key
 from gateway.settings import Settings
-from gateway.storage.db import open_database
-from gateway.storage.files import FileStore
+from gateway.storage.db import open_database, session_factory
+from gateway.storage.files import LocalFileStore
 from gateway.storage.models import Base
 
 
@@ -73,15 +74,29 @@ def test_unknown_backend_or_variant_is_rejected() -> None:
         Settings(local_variants=["turbo"])
 
 
-def test_signing_key_is_generated_once_and_kept(tmp_path: Path) -> None:
-    first = Settings(data_dir=tmp_path).signing_key()
-    assert Settings(data_dir=tmp_path).signing_key() == first and len(first) >= 32
-    assert Settings(data_dir=tmp_path, url_signing_secret="fixed").signing_key() == b"fixed"
+def _signing_key(settings: Settings) -> bytes:
+    async def main() -> bytes:
+        async with open_database(settings.resolved_database_url) as engine:
+            return await url_signing_key(settings, session_factory(engine))
+
+    return asyncio.run(main())
+
+
+def test_signing_key_is_made_once_and_shared_through_the_database(tmp_path: Path) -> None:
+    db = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    first = _signing_key(Settings(data_dir=tmp_path / "a", database_url=db))
+    # Another process with its own data dir, on the same database: the same key, so URLs verify on both.
+    assert _signing_key(Settings(data_dir=tmp_path / "b", database_url=db)) == first and len(first) >= 32
+    assert _signing_key(Settings(data_dir=tmp_path / "c", database_url=db, url_signing_secret="fixed")) == b"fixed"
+    # A key file an older version wrote is adopted on a database that has none yet, so its URLs stay valid.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "url-signing.key").write_text("legacy-key\n")
+    assert _signing_key(Settings(data_dir=tmp_path / "d")) == b"legacy-key"
 
 
 def test_file_store_refuses_paths_outside_its_root(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "files")
-    saved = store.save(tenant_id="ten_a", file_id="file_1", content_type="image/png", data=b"\x89PNG")
-    assert store.resolve(saved.path).read_bytes() == b"\x89PNG"
+    store = LocalFileStore(tmp_path / "files")
+    saved = asyncio.run(store.save(tenant_id="ten_a", file_id="file_1", content_type="image/png", data=b"\x89PNG"))
+    assert asyncio.run(store.read(saved.path)) == b"\x89PNG"
     with pytest.raises(ValueError, match="escapes"):
-        store.resolve("../../etc/passwd")
+        asyncio.run(store.read("../../etc/passwd"))

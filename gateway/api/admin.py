@@ -6,16 +6,28 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import SessionDep, StateDep, require_admin
 from gateway.api.images import resolve_route
 from gateway.api.serialize import Text, key_body, tenant_body
-from gateway.api.usage import Limit, Since, as_utc, usage_list
+from gateway.api.usage import (
+    REPORT_RESPONSES,
+    AcceptHeader,
+    Format,
+    Limit,
+    PeriodParam,
+    Since,
+    as_utc,
+    report_response,
+    usage_list,
+)
 from gateway.auth import create_tenant_with_key, issue_key
 from gateway.errors import InvalidRequest, NotFound
 from gateway.settings import Cost
 from gateway.storage import repo
+from gateway.usage import resolve_period, usage_report
 
 VariantName = Literal["full", "dev", "fast"]
 # Ids are checked for shape before any query: a malformed one (a NUL byte, say) never reaches the database.
@@ -31,8 +43,19 @@ class TenantCreate(BaseModel):
     name: Text = Field(min_length=1, max_length=200)
     rpm: int | None = Field(default=None, ge=1)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+    max_in_flight: int | None = Field(default=None, ge=1)
     route: str | None = Field(default=None, max_length=200)
     allowed_backends: list[str] | None = None
+
+
+class KeyLimits(BaseModel):
+    """A key's own limits, on top of its tenant's; null (or left out at creation) means none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1)
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+    max_in_flight: int | None = Field(default=None, ge=1)
 
 
 class TenantUpdate(BaseModel):
@@ -41,6 +64,7 @@ class TenantUpdate(BaseModel):
     status: Literal["active", "disabled"] | None = None
     rpm: int | None = Field(default=None, ge=1)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
+    max_in_flight: int | None = Field(default=None, ge=1)
     route: str | None = Field(default=None, max_length=200)
     allowed_backends: list[str] | None = None
 
@@ -64,6 +88,7 @@ async def create_tenant(body: TenantCreate, session: SessionDep, state: StateDep
             session, name=body.name, rpm=body.rpm, monthly_budget_usd=body.monthly_budget_usd
         )
         tenant.route, tenant.allowed_backends = body.route, body.allowed_backends
+        tenant.max_in_flight = body.max_in_flight
     state.authenticator.clear()
     return {"tenant": tenant_body(tenant), "tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
 
@@ -90,6 +115,8 @@ async def update_tenant(
             tenant.rpm = body.rpm
         if "monthly_budget_usd" in body.model_fields_set:
             tenant.monthly_budget_usd = body.monthly_budget_usd
+        if "max_in_flight" in body.model_fields_set:
+            tenant.max_in_flight = body.max_in_flight
         if "route" in body.model_fields_set:
             tenant.route = body.route
         if "allowed_backends" in body.model_fields_set:
@@ -99,12 +126,28 @@ async def update_tenant(
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201)
-async def create_key(tenant_id: TenantId, session: SessionDep) -> dict[str, Any]:
+async def create_key(tenant_id: TenantId, session: SessionDep, body: KeyLimits | None = None) -> dict[str, Any]:
+    """Issue another key for a tenant, optionally with limits of its own."""
     async with session.begin():
         if await repo.get_tenant(session, tenant_id=tenant_id) is None:
             raise NotFound(f"No tenant with id '{tenant_id}'.")
         key, plaintext = await issue_key(session, tenant_id=tenant_id)
+        if body is not None:
+            key.rpm, key.monthly_budget_usd, key.max_in_flight = body.rpm, body.monthly_budget_usd, body.max_in_flight
     return {**key_body(key), "api_key": plaintext}
+
+
+@router.patch("/keys/{key_id}")
+async def update_key(key_id: KeyId, body: KeyLimits, session: SessionDep, state: StateDep) -> dict[str, Any]:
+    """Change a key's own limits; fields left out stay as they are, an explicit null removes one."""
+    async with session.begin():
+        key = await repo.get_key(session, key_id=key_id)
+        if key is None:
+            raise NotFound(f"No key with id '{key_id}'.")
+        for name in body.model_fields_set:
+            setattr(key, name, getattr(body, name))
+    state.authenticator.clear()
+    return key_body(key)
 
 
 @router.get("/tenants/{tenant_id}/keys")
@@ -148,13 +191,30 @@ async def set_backend_costs(
     return {"name": name, "costs": {variant: cost.model_dump(mode="json") for variant, cost in book.items()}}
 
 
-@router.get("/usage")
-async def all_usage(
+@router.get("/usage", responses=REPORT_RESPONSES)
+async def all_usage_report(
+    session: SessionDep,
+    tenant_id: Annotated[str | None, Query(pattern=TENANT_ID)] = None,
+    period: PeriodParam = None,
+    since: Since = None,
+    until: Since = None,
+    fmt: Format = None,
+    accept: AcceptHeader = None,
+) -> Response:
+    """Billed usage per tenant, UTC day, model and backend, with totals (default: this UTC month)."""
+    window = resolve_period(period=period, since=since, until=until)
+    report = await usage_report(session, period=window, tenant_id=tenant_id, by_tenant=True)
+    return report_response(report, fmt, accept)
+
+
+@router.get("/usage/events")
+async def all_usage_events(
     session: SessionDep,
     tenant_id: Annotated[str | None, Query(pattern=TENANT_ID)] = None,
     since: Since = None,
     until: Since = None,
     limit: Limit = 1000,
 ) -> dict[str, Any]:
+    """Everyone's usage events (oldest first) and their totals."""
     events = await repo.list_usage(session, tenant_id=tenant_id, since=as_utc(since), until=as_utc(until), limit=limit)
     return usage_list(events)

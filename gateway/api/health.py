@@ -1,16 +1,55 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from gateway.api.deps import StateDep
+from gateway.auth import bearer_token
+from gateway.errors import AuthenticationFailed
+from gateway.state import AppState
 
 router = APIRouter(tags=["health"])
+
+READY = "ready"
+REDIS_DOWN = "unreachable: rate limits are per-process until it is back"
+
+
+async def backend_checks(state: AppState) -> dict[str, str]:
+    """Each backend: ``ready`` (it can take a job now), ``not ready`` (loading, or unreachable) or ``circuit open``."""
+    circuits = state.health.snapshot()
+    ready = await asyncio.gather(*(b.ready() for b in state.backends))
+    checks: dict[str, str] = {}
+    for backend, up in zip(state.backends, ready, strict=True):
+        if not up:
+            checks[backend.name] = "not ready"
+        elif circuits[backend.name]["circuit"] == "open":
+            checks[backend.name] = "circuit open"
+        else:  # closed, or half-open: the next real request is its trial
+            checks[backend.name] = READY
+    return checks
+
+
+async def redis_check(state: AppState) -> str:
+    """``ok``, ``not configured``, or unreachable (the gateway keeps serving, with per-process rate limits)."""
+    if not state.limits.configured:
+        return "not configured"
+    return "ok" if await state.limits.ping() else REDIS_DOWN
+
+
+async def database_check(state: AppState) -> str:
+    try:
+        async with asyncio.timeout(5), state.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
 
 
 @router.get("/healthz")
@@ -21,14 +60,30 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 when the database answers and at least one backend is ready; 503 otherwise."""
-    checks: dict[str, Any] = {}
-    try:
-        async with state.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}"
-    checks["backends"] = {b.name: ("ready" if await b.ready() else "loading") for b in state.backends}
-    ok = checks["database"] == "ok" and "ready" in checks["backends"].values()
+    """200 when the database answers and at least one backend can take a job; 503 otherwise.
+
+    Redis is shown but does not decide: without it the gateway keeps serving, with per-process rate limits.
+    """
+    database, backends, redis = await asyncio.gather(database_check(state), backend_checks(state), redis_check(state))
+    checks: dict[str, Any] = {"database": database, "backends": backends, "redis": redis}
+    ok = database == "ok" and READY in backends.values()
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, state: StateDep, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """Prometheus exposition of every worker's metrics; needs ``Bearer HDG_METRICS_TOKEN`` when that is set."""
+    expected = state.settings.metrics_token
+    # Compared in constant time, so response timing does not reveal how much of a guess was right.
+    if expected is not None and not hmac.compare_digest(
+        bearer_token(authorization).encode(), expected.get_secret_value().encode()
+    ):
+        raise AuthenticationFailed("Incorrect metrics token.", code="invalid_metrics_token")
+    # Gauges of state this process holds are read now, not on every request.
+    backends, redis = await asyncio.gather(backend_checks(state), redis_check(state))
+    for name, check in backends.items():
+        state.metrics.set_backend_up(name, check == READY)
+    if redis != "not configured":
+        state.metrics.set_redis_up(redis == "ok")
+    body, content_type = state.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)

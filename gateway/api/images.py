@@ -21,6 +21,7 @@ from gateway.errors import GenerationTimeout, InvalidRequest, ModelNotFound, Not
 from gateway.jobs import error_from
 from gateway.routing import Route
 from gateway.storage import repo
+from gateway.storage.files import FileMissing
 from gateway.storage.models import Prediction, StoredFile
 from inference.variants import MODEL_IDS, nearest_resolution, variant_for_model
 
@@ -148,7 +149,9 @@ async def create_image(
     width, height = parse_size(body.size)
     idem = await idempotency(request, idempotency_key)
 
-    state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
+    rate = await state.limits.check(principal)
+    if rate is not None:
+        response.headers.update(rate.headers())
 
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     job = ImageJob(
@@ -199,7 +202,10 @@ async def create_image(
     b64 = body.response_format == "b64_json"
     images = done.images
     if b64 and images is None:  # made by another replica, or an earlier request with the same key
-        images = await asyncio.to_thread(lambda: [state.files.resolve(f.path).read_bytes() for f in done.files])
+        try:
+            images = list(await asyncio.gather(*(state.files.read(f.path) for f in done.files)))
+        except FileMissing:  # e.g. replicas with separate local directories: HDG_STORAGE=s3 shares them
+            raise NotFound("The generation's image content is no longer stored.") from None
     data = [
         _file_entry(f, base_url=base_url, state=state, b64=images[i] if b64 and images is not None else None)
         for i, f in enumerate(done.files)

@@ -158,7 +158,9 @@ async def _create(c: Creation, body: CreatePrediction, variant: Variant) -> dict
         raise InvalidRequest("Cancel-After must be at least 5 seconds.", param="Cancel-After")
     width, height = _size(i)
     idem = await idempotency(request, key)
-    state.rate_limiter.check(principal.tenant.id, principal.tenant.rpm)
+    rate = await state.limits.check(principal)
+    if rate is not None:
+        response.headers.update(rate.headers())
     seed = i.seed if i.seed is not None and i.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
     job = ImageJob(
         variant=variant.name,

@@ -66,6 +66,7 @@ def tenant_body(t: Tenant) -> dict[str, Any]:
         "status": t.status,
         "rpm": t.rpm,
         "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.2f}",
+        "max_in_flight": t.max_in_flight,
         "route": t.route,
         "allowed_backends": t.allowed_backends,
         "created_at": t.created_at.isoformat(),
@@ -80,4 +81,7 @@ def key_body(k: ApiKey) -> dict[str, Any]:
         "display_prefix": k.display_prefix,
         "created_at": k.created_at.isoformat(),
         "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        "rpm": k.rpm,
+        "monthly_budget_usd": None if k.monthly_budget_usd is None else f"{k.monthly_budget_usd:.6f}",
+        "max_in_flight": k.max_in_flight,
     }

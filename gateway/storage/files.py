@@ -1,55 +1,192 @@
-"""Image files on local disk, and the signed, expiring URLs that serve them."""
+"""Where images live (a local directory, or an S3-compatible bucket), and the signed URLs that serve them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
+
+import obstore
+from obstore.store import S3Store
+
+if TYPE_CHECKING:
+    from obstore.store import S3Config
+
+    from gateway.settings import Settings
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @dataclass(frozen=True)
 class SavedFile:
-    path: str  # relative to the store's root
+    path: str  # relative to the store (its root directory, or its bucket and prefix); kept in ``files.path``
     size_bytes: int
     sha256: str
 
 
-class FileStore:
-    """Writes files atomically under ``root/<tenant>/``; readers never see a partial file."""
+class FileMissing(LookupError):
+    """The store holds nothing at this path (deleted, or written to another replica's local directory)."""
+
+
+class FileStore(Protocol):
+    """Where generated images are written, read back and removed; keys are store-relative paths.
+
+    Every replica of a deployment must see the same files: a directory on one machine serves one process (or
+    several sharing a disk), a bucket serves any number. Example::
+
+        saved = await store.save(tenant_id="ten_1", file_id="file_1", content_type="image/png", data=png)
+        assert await store.read(saved.path) == png
+        await store.delete(saved.path)  # later reads raise FileMissing
+        await store.aclose()
+    """
+
+    async def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
+        """Store ``data`` in full (a reader never sees part of it) and return where it went."""
+        ...
+
+    async def read(self, path: str) -> bytes:
+        """The bytes at ``path``; FileMissing if there are none."""
+        ...
+
+    async def delete(self, path: str) -> None:
+        """Remove ``path``; nothing to remove is fine."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the store holds."""
+        ...
+
+
+def _key(tenant_id: str, file_id: str, content_type: str) -> str:
+    return f"{tenant_id}/{file_id}.{EXTENSIONS[content_type]}"
+
+
+def _saved(path: str, data: bytes) -> SavedFile:
+    return SavedFile(path, len(data), hashlib.sha256(data).hexdigest())
+
+
+class LocalFileStore:
+    """Files under ``root/<tenant>/``, each written to a temporary name, fsynced and renamed into place."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
-        """Write ``data`` and return where it went (blocking: call it in a thread)."""
-        rel = f"{tenant_id}/{file_id}.{EXTENSIONS[content_type]}"
-        dest = self.root / rel
+    def _resolve(self, path: str) -> Path:
+        resolved = (self.root / path).resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise ValueError("path escapes the file store")
+        return resolved
+
+    def _write(self, path: str, data: bytes) -> SavedFile:
+        dest = self._resolve(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        return SavedFile(rel, len(data), hashlib.sha256(data).hexdigest())
+        os.replace(tmp, dest)  # atomic: a reader finds no file or the whole file, never part of one
+        return _saved(path, data)
 
-    def resolve(self, rel: str) -> Path:
-        """The absolute path of a stored file."""
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise ValueError("path escapes the file store")
-        return path
+    async def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
+        """Write ``data`` under the tenant's directory (in a thread: fsync and hashing block)."""
+        return await asyncio.to_thread(self._write, _key(tenant_id, file_id, content_type), data)
 
-    def delete(self, rel: str) -> None:
-        """Remove a stored file if it exists (used to undo writes whose transaction failed)."""
-        self.resolve(rel).unlink(missing_ok=True)
+    async def read(self, path: str) -> bytes:
+        """The file's bytes; FileMissing if it is not on this machine's disk."""
+        resolved = self._resolve(path)
+        try:
+            return await asyncio.to_thread(resolved.read_bytes)
+        except FileNotFoundError:
+            raise FileMissing(path) from None
+
+    async def delete(self, path: str) -> None:
+        """Remove the file if it exists (used to undo writes whose transaction failed)."""
+        await asyncio.to_thread(self._resolve(path).unlink, missing_ok=True)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every call opens and closes its own file."""
+
+
+class S3FileStore:
+    """Objects in an S3-compatible bucket at ``<prefix><tenant>/<file_id>.<ext>``, shared by every replica.
+
+    The bucket can stay private: clients never see it, the gateway reads an object and answers its bytes.
+    """
+
+    def __init__(self, store: S3Store, *, prefix: str = "") -> None:
+        self._store = store
+        self.prefix = prefix.lstrip("/")  # a key starting with "/" is invalid to the store
+
+    def _object(self, path: str) -> str:
+        return f"{self.prefix}{path}"
+
+    async def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
+        """Upload ``data`` in one PUT (S3 makes an object visible only once it is complete)."""
+        path = _key(tenant_id, file_id, content_type)
+        await obstore.put_async(self._store, self._object(path), data, attributes={"Content-Type": content_type})
+        # Hashing a large image would hold the event loop.
+        return await asyncio.to_thread(_saved, path, data)
+
+    async def read(self, path: str) -> bytes:
+        """The object's bytes; FileMissing if the bucket has no such key."""
+        try:
+            result = await obstore.get_async(self._store, self._object(path))
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:  # obstore raises the built-in for a missing key (or bucket)
+            raise FileMissing(path) from None
+
+    async def delete(self, path: str) -> None:
+        """Remove the object; S3 answers a delete of a missing key with success."""
+        await obstore.delete_async(self._store, self._object(path))
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client's connection pool goes with the store object."""
+
+
+def s3_store(settings: Settings) -> S3Store:
+    """An obstore client for the configured bucket; ValueError names the setting that is missing."""
+    if not settings.s3_bucket:
+        raise ValueError("HDG_STORAGE=s3 needs HDG_S3_BUCKET (the bucket images are written to)")
+    options: S3Config = {"region": settings.s3_region}
+    if settings.s3_endpoint_url:
+        # MinIO, R2, Ceph and the like: addressed as <endpoint>/<bucket>/<key>, not as a bucket subdomain.
+        options["endpoint"] = settings.s3_endpoint_url
+        options["virtual_hosted_style_request"] = False
+    if settings.s3_access_key_id is not None or settings.s3_secret_access_key is not None:
+        if settings.s3_access_key_id is None or settings.s3_secret_access_key is None:
+            missing = "HDG_S3_SECRET_ACCESS_KEY" if settings.s3_secret_access_key is None else "HDG_S3_ACCESS_KEY_ID"
+            raise ValueError(f"an S3 access key needs its other half: set {missing} too")
+        options["access_key_id"] = settings.s3_access_key_id.get_secret_value()
+        options["secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
+    # Without keys, obstore finds credentials as AWS tools do (AWS_* variables, a web identity, instance roles).
+    return S3Store(
+        settings.s3_bucket,
+        config=options,
+        client_options={
+            # Plain HTTP only when the endpoint itself says so (a server on the same host or network).
+            "allow_http": (settings.s3_endpoint_url or "").startswith("http://"),
+            "connect_timeout": timedelta(seconds=5),
+            "timeout": timedelta(seconds=60),
+        },
+        # A request reading an image waits on this: a store that is down fails it in seconds, not obstore's 3 min.
+        retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=20)},
+    )
+
+
+def build_file_store(settings: Settings) -> FileStore:
+    """The store HDG_STORAGE names: the data dir's ``files/`` directory, or the S3 bucket."""
+    if settings.storage == "s3":
+        return S3FileStore(s3_store(settings), prefix=settings.s3_prefix)
+    return LocalFileStore(settings.files_dir)
 
 
 class UrlSigner:

@@ -79,6 +79,9 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | disabled
     rpm: Mapped[int | None] = mapped_column(Integer)
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)  # jobs queued or running at once; None: no cap
+    # Jobs holding a slot now (see gateway/ledger.py): changed only with the jobs that take and give back slots.
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     route: Mapped[str | None] = mapped_column(String(200))  # default routing policy; None: the gateway's
     allowed_backends: Mapped[list[str] | None] = mapped_column(JSON)  # None: every backend
     # The key webhooks to this tenant are signed with (``whsec_...``); made on first use. It must be readable to
@@ -96,6 +99,11 @@ class ApiKey(Base):
     display_prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Limits of this key alone, on top of its tenant's (None: only the tenant's apply).
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Prediction(Base):
@@ -143,6 +151,10 @@ class Prediction(Base):
     logs: Mapped[str] = mapped_column(Text, default="", server_default="")
     webhook: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
+    # The hold this job took when it was created (gateway/ledger.py): its maximum price, reserved against the
+    # budgets of this month, and one in-flight slot of its tenant and key. None: no limit applied, nothing held.
+    reserved_usd: Mapped[Decimal | None] = mapped_column(Money)
+    reserved_month: Mapped[str | None] = mapped_column(String(7))
 
 
 class StoredFile(Base):
@@ -185,9 +197,10 @@ class UsageEvent(Base):
 
 
 class TenantSpend(Base):
-    """A running total of what each tenant was billed per calendar month (UTC), kept in the settle transaction.
+    """A tenant's month (UTC): what it was billed, and what its open jobs have reserved (gateway/ledger.py).
 
-    Budget checks read one row instead of summing usage events, so they stay O(1) as usage grows.
+    Both change only in the transactions that create and settle jobs, so ``spent_usd`` always equals the month's
+    usage events and ``reserved_usd`` the holds of its unfinished jobs; a budget is one guarded update of this row.
     """
 
     __tablename__ = "tenant_spend"
@@ -195,6 +208,28 @@ class TenantSpend(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
     spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+
+
+class KeySpend(Base):
+    """The same ledger per API key, for per-key budgets."""
+
+    __tablename__ = "key_spend"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    spent_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money, default=Decimal(0), server_default="0")
+
+
+class GatewaySecret(Base):
+    """Secrets every replica must share and none may invent alone (the URL-signing key): made once, first wins."""
+
+    __tablename__ = "gateway_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class IdempotencyKey(Base):

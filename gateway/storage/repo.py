@@ -11,9 +11,11 @@ from sqlalchemy import Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.storage import ledger
 from gateway.storage.models import (
     ApiKey,
     Base,
+    GatewaySecret,
     Prediction,
     StoredFile,
     Tenant,
@@ -27,7 +29,7 @@ from gateway.storage.models import (
 PREDICTIONS = cast(Table, Prediction.__table__)
 FILES = cast(Table, StoredFile.__table__)
 USAGE_EVENTS = cast(Table, UsageEvent.__table__)
-SPEND = cast(Table, TenantSpend.__table__)
+SECRETS = cast(Table, GatewaySecret.__table__)
 
 
 async def create_tenant(
@@ -62,6 +64,10 @@ async def add_key(session: AsyncSession, *, tenant_id: str, key_hash: str, displ
 async def list_keys(session: AsyncSession, *, tenant_id: str) -> Sequence[ApiKey]:
     stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
     return (await session.scalars(stmt)).all()
+
+
+async def get_key(session: AsyncSession, *, key_id: str) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
 
 
 async def revoke_key(session: AsyncSession, *, key_id: str) -> ApiKey | None:
@@ -126,6 +132,7 @@ async def finish_prediction(
     settled = await session.execute(
         update(PREDICTIONS)
         .where(*guard)
+        .returning(t.reserved_usd, t.reserved_month)
         .values(
             error_code=error_code,
             **({"logs": logs} if logs is not None else {}),
@@ -141,12 +148,23 @@ async def finish_prediction(
             attempts=attempts,
         )
     )
-    if getattr(settled, "rowcount", 0) != 1:
+    won = settled.first()
+    if won is None:
         return False
+    held, held_month = won
+    if held is not None:
+        price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
         await session.execute(insert(FILES).values([_columns(f) for f in files]))
-    if price_usd:
-        await add_spend(session, tenant_id=prediction.tenant_id, month=month_key(now), amount=price_usd)
+    await ledger.settle(
+        session,
+        tenant_id=prediction.tenant_id,
+        key_id=prediction.api_key_id,
+        month=month_key(now),
+        charge=price_usd,
+        held=held,
+        held_month=held_month,
+    )
     await session.execute(
         insert(USAGE_EVENTS).values(
             prediction_id=prediction.id,
@@ -205,20 +223,21 @@ def month_key(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m")
 
 
-async def add_spend(session: AsyncSession, *, tenant_id: str, month: str, amount: Decimal) -> None:
-    """Add to a tenant's monthly total (an upsert: one statement, safe under concurrent settles)."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(SPEND).values(tenant_id=tenant_id, month=month, spent_usd=amount)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["tenant_id", "month"], set_={"spent_usd": SPEND.c.spent_usd + stmt.excluded.spent_usd}
-    )
-    await session.execute(stmt)
-
-
 async def month_spend(session: AsyncSession, *, tenant_id: str, month: str) -> Decimal:
     """What a tenant has been billed in ``month`` (``YYYY-MM``)."""
     spent = await session.scalar(
         select(TenantSpend.spent_usd).where(TenantSpend.tenant_id == tenant_id, TenantSpend.month == month)
     )
     return Decimal(spent or 0)
+
+
+async def shared_secret(session: AsyncSession, *, name: str, candidate: str) -> str:
+    """The secret called ``name``: the first ``candidate`` any process offered wins, and every process reads it."""
+    dialect = session.get_bind().dialect.name
+    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    await session.execute(
+        insert_(SECRETS).values(name=name, value=candidate, created_at=utcnow()).on_conflict_do_nothing()
+    )
+    value = await session.scalar(select(GatewaySecret.value).where(GatewaySecret.name == name))
+    assert value is not None  # inserted above, or by whoever won
+    return value

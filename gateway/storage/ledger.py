@@ -1,0 +1,131 @@
+"""The money rows: reservations, settlements and releases against monthly budgets, and in-flight slots.
+
+A job of a limited tenant or key *holds* its maximum price on this month's ledger rows (tenant and key) and one
+in-flight slot on each, taken with guarded updates in the transaction that creates the job; the transaction that
+settles it charges what it cost and gives the hold back. Nothing here lives in process memory, so every replica
+sees the same balances, and a crash between the two transactions leaves the hold on the job's row until a runner
+settles it.
+
+Lock order, the same in every transaction that touches these rows, so two of them never wait on each other:
+tenant_spend, key_spend, tenants, api_keys.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, cast
+
+from sqlalchemy import Table, func, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.errors import BudgetExceeded, ConcurrencyLimited
+from gateway.storage.models import ApiKey, KeySpend, Tenant, TenantSpend
+
+TENANT_SPEND = cast(Table, TenantSpend.__table__)
+KEY_SPEND = cast(Table, KeySpend.__table__)
+TENANTS = cast(Table, Tenant.__table__)
+API_KEYS = cast(Table, ApiKey.__table__)
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+async def _reserve_month(
+    session: AsyncSession, table: Table, owner: dict[str, str], *, month: str, amount: Decimal, budget: Decimal | None
+) -> bool:
+    """Add ``amount`` to the month's reservations unless spent + reserved + amount would pass ``budget``."""
+    if budget is not None and amount > budget:
+        return False  # a new row starts at zero, so this is the whole check for it
+    c = table.c
+    stmt = _insert(session)(table).values(**owner, month=month, spent_usd=0, reserved_usd=amount)
+    # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
+    guard = None if budget is None else (func.round(c.spent_usd + c.reserved_usd + amount, 6) <= budget)
+    # One statement: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
+    # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[*owner, "month"], set_={"reserved_usd": func.round(c.reserved_usd + amount, 6)}, where=guard
+    )
+    result = await session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def _take_slot(session: AsyncSession, table: Table, row_id: str) -> bool:
+    c = table.c
+    result = await session.execute(
+        update(table)
+        .where(c.id == row_id, (c.max_in_flight.is_(None)) | (c.in_flight < c.max_in_flight))
+        .values(in_flight=c.in_flight + 1)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+async def hold(session: AsyncSession, *, tenant: Tenant, key: ApiKey, month: str, amount: Decimal) -> None:
+    """Reserve ``amount`` on the tenant's and the key's month, and take one in-flight slot of each, or refuse.
+
+    Raises BudgetExceeded (402) or ConcurrencyLimited (429); the caller's transaction must then roll back, which
+    undoes whatever part of the hold was taken.
+    """
+    if not await _reserve_month(
+        session, TENANT_SPEND, {"tenant_id": tenant.id}, month=month, amount=amount, budget=tenant.monthly_budget_usd
+    ):
+        raise BudgetExceeded(
+            f"This request would cost up to ${amount}, more than is left of the tenant's monthly budget of "
+            f"${tenant.monthly_budget_usd} ({month}, counting jobs still running)."
+        )
+    if not await _reserve_month(
+        session, KEY_SPEND, {"api_key_id": key.id}, month=month, amount=amount, budget=key.monthly_budget_usd
+    ):
+        raise BudgetExceeded(
+            f"This request would cost up to ${amount}, more than is left of this API key's monthly budget of "
+            f"${key.monthly_budget_usd} ({month}, counting jobs still running)."
+        )
+    if not await _take_slot(session, TENANTS, tenant.id):
+        raise ConcurrencyLimited(
+            f"The tenant already has {tenant.max_in_flight} jobs queued or running; retry when one finishes.",
+            headers={"Retry-After": "1"},
+        )
+    if not await _take_slot(session, API_KEYS, key.id):
+        raise ConcurrencyLimited(
+            f"This API key already has {key.max_in_flight} jobs queued or running; retry when one finishes.",
+            headers={"Retry-After": "1"},
+        )
+
+
+async def _apply(
+    session: AsyncSession, table: Table, owner: dict[str, str], *, month: str, spent: Decimal, reserved: Decimal
+) -> None:
+    c = table.c
+    stmt = _insert(session)(table).values(**owner, month=month, spent_usd=spent, reserved_usd=reserved)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[*owner, "month"],
+        set_={
+            "spent_usd": func.round(c.spent_usd + spent, 6),
+            "reserved_usd": func.round(c.reserved_usd + reserved, 6),
+        },
+    )
+    await session.execute(stmt)
+
+
+async def settle(
+    session: AsyncSession,
+    *,
+    tenant_id: str,
+    key_id: str,
+    month: str,
+    charge: Decimal,
+    held: Decimal | None,
+    held_month: str | None,
+) -> None:
+    """Charge ``charge`` to ``month`` and give back a job's hold (``held`` in ``held_month``, and its slots)."""
+    for table, owner in ((TENANT_SPEND, {"tenant_id": tenant_id}), (KEY_SPEND, {"api_key_id": key_id})):
+        if held is not None and held_month is not None and held_month != month:
+            if charge:
+                await _apply(session, table, owner, month=month, spent=charge, reserved=Decimal(0))
+            await _apply(session, table, owner, month=held_month, spent=Decimal(0), reserved=-held)
+        elif charge or held:
+            await _apply(session, table, owner, month=month, spent=charge, reserved=-(held or Decimal(0)))
+    if held is not None:
+        for table, row_id in ((TENANTS, tenant_id), (API_KEYS, key_id)):
+            await session.execute(update(table).where(table.c.id == row_id).values(in_flight=table.c.in_flight - 1))

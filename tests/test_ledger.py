@@ -1,0 +1,126 @@
+"""The ledger's rules, on the database itself (SQLite, then PostgreSQL): holds, settles across a month boundary,
+the cap on a charge, and holds raced by concurrent transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.auth import create_tenant_with_key
+from gateway.errors import BudgetExceeded, ConcurrencyLimited
+from gateway.reconcile import reconcile
+from gateway.storage import ledger, queue, repo
+from gateway.storage.db import open_database, session_factory
+from gateway.storage.models import ApiKey, KeySpend, Prediction, Tenant, TenantSpend, UsageEvent, new_id, utcnow
+
+
+async def _tenant(
+    sessions: async_sessionmaker[AsyncSession], budget: str | None = None, cap: int | None = None
+) -> tuple[Tenant, ApiKey]:
+    async with sessions.begin() as session:
+        tenant, key, _ = await create_tenant_with_key(
+            session, name="t", monthly_budget_usd=Decimal(budget) if budget else None
+        )
+        tenant.max_in_flight = cap
+    return tenant, key
+
+
+async def _job(
+    sessions: async_sessionmaker[AsyncSession], tenant: Tenant, key: ApiKey, amount: str, month: str
+) -> Prediction:
+    """A processing job holding ``amount`` in ``month``, created as the engine creates one."""
+    p = Prediction(
+        id=new_id("gen"), tenant_id=tenant.id, api_key_id=key.id, model="hidream-i1-fast", status="processing",
+        prompt="p", params={}, width=1024, height=1024, n=1, seed=1, attempts=0, created_at=utcnow(), job={},
+        available_at=utcnow(), cancel_requested=False, logs="", reserved_usd=Decimal(amount), reserved_month=month,
+    )  # fmt: skip
+    async with sessions.begin() as session:
+        await ledger.hold(session, tenant=tenant, key=key, month=month, amount=Decimal(amount))
+        await queue.insert_job(session, p)
+    return p
+
+
+async def _finish(sessions: async_sessionmaker[AsyncSession], p: Prediction, price: str) -> bool:
+    async with sessions.begin() as session:
+        return await repo.finish_prediction(
+            session, prediction=p, status="succeeded", backend="fal", latency_ms=1, price_usd=Decimal(price),
+            images=0, width=1024, height=1024,
+        )  # fmt: skip
+
+
+async def _rows(
+    sessions: async_sessionmaker[AsyncSession], model: type[TenantSpend] | type[KeySpend]
+) -> dict[str, tuple[Decimal, Decimal]]:
+    async with sessions() as session:
+        rows = (await session.scalars(select(model))).all()
+        return {r.month: (r.spent_usd, r.reserved_usd) for r in rows}
+
+
+def test_a_job_held_in_one_month_and_settled_in_the_next(database_url: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            tenant, key = await _tenant(sessions, budget="1")
+            p = await _job(sessions, tenant, key, "0.30", month="2020-01")  # held in a month long past
+            assert await _rows(sessions, TenantSpend) == {"2020-01": (Decimal(0), Decimal("0.30"))}
+            # It ends now: charged to this month (as its usage event is dated), its hold given back to January.
+            assert await _finish(sessions, p, "0.25")
+            this_month = repo.month_key(utcnow())
+            expected = {"2020-01": (Decimal(0), Decimal(0)), this_month: (Decimal("0.25"), Decimal(0))}
+            assert await _rows(sessions, TenantSpend) == expected
+            assert await _rows(sessions, KeySpend) == expected
+            assert not await _finish(sessions, p, "0.25")  # settled once: a second settle changes nothing
+            assert await _rows(sessions, TenantSpend) == expected
+            async with sessions() as session:
+                assert (await reconcile(session)).mismatches == []
+
+    asyncio.run(main())
+
+
+def test_a_charge_is_never_more_than_the_hold(database_url: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            tenant, key = await _tenant(sessions, budget="0.10")
+            month = repo.month_key(utcnow())
+            p = await _job(sessions, tenant, key, "0.10", month=month)
+            assert await _finish(sessions, p, "0.40")  # say, a provider returned more pixels than asked for
+            async with sessions() as session:
+                event = (await session.scalars(select(UsageEvent))).one()
+                assert event.price_usd == Decimal("0.10")
+            assert await _rows(sessions, TenantSpend) == {month: (Decimal("0.10"), Decimal(0))}
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("limit", ["budget", "cap"])
+def test_concurrent_holds_take_exactly_what_is_left(database_url: str, limit: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            tenant, key = await _tenant(
+                sessions, budget="1.00" if limit == "budget" else None, cap=3 if limit == "cap" else None
+            )
+            month = repo.month_key(utcnow())
+
+            async def attempt() -> bool:
+                try:
+                    await _job(sessions, tenant, key, "0.25", month)
+                except (BudgetExceeded, ConcurrencyLimited):
+                    return False
+                return True
+
+            results = await asyncio.gather(*(attempt() for _ in range(12)))
+            assert results.count(True) == (4 if limit == "budget" else 3)
+            async with sessions() as session:
+                row = await session.get(TenantSpend, (tenant.id, month))
+                assert row is not None and row.reserved_usd == Decimal("0.25") * results.count(True)
+                assert (await session.get(Tenant, tenant.id)).in_flight == results.count(True)  # type: ignore[union-attr]
+                assert (await reconcile(session)).mismatches == []
+
+    asyncio.run(main())
