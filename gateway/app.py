@@ -112,7 +112,9 @@ async def url_signing_key(settings: Settings, sessions: async_sessionmaker[Async
     if settings.url_signing_secret is not None:
         return settings.url_signing_secret.get_secret_value().encode()
     legacy = settings.data_dir / "url-signing.key"
-    candidate = legacy.read_text().strip() if legacy.exists() else secrets.token_urlsafe(32)
+    candidate = legacy.read_text().strip() if legacy.exists() else ""
+    if len(candidate) < 32:  # absent, or too short to trust: make a good one
+        candidate = secrets.token_urlsafe(32)
     async with sessions.begin() as session:
         return (await repo.shared_secret(session, name="url_signing_key", candidate=candidate)).encode()
 

@@ -64,8 +64,8 @@ def _name(value: str) -> str:
 
 
 def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
+    if not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:  # limits are 32-bit columns
+        raise argparse.ArgumentTypeError("must be a positive integer below 2^31")
     return int(value)
 
 
@@ -157,8 +157,11 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_usage_reconcile(settings: Settings, args: argparse.Namespace) -> None:
     """Check that predictions, usage events and monthly spend agree; exit status 1 on any mismatch."""
-    from gateway.reconcile import reconcile  # imported on use: no other command needs it
+    from gateway.reconcile import reconcile, repair  # imported on use: no other command needs it
 
+    if args.repair:
+        for line in _run_db(settings, repair):
+            print(f"repaired {line}")
     report = _run_db(settings, reconcile)
     for line in report.mismatches:
         print(line)
@@ -176,39 +179,68 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
 
 
+# In the metrics directory of `serve --workers N`: locked while a gateway serves with that directory.
+SERVING_LOCK = ".serving.lock"
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     if args.workers == 1:
         _serve(settings, args.host, args.port)
         return
     if "local" in settings.backends:
         raise CliError("--workers > 1 would load the local model once per process: serve it with one worker")
+    import fcntl
     import os
-    import shutil
 
     import uvicorn
 
     from gateway.metrics import MULTIPROC_ENV
 
-    cmd_db_upgrade(settings, args)  # once, before the processes start
     # Metrics: each worker writes its values to files in one directory and /metrics, in whichever worker answers,
-    # adds them all up. Set before the workers start: prometheus-client picks its storage when first imported.
-    # Emptied at start (stale files would add a previous run's counts), and one per port, so two gateways sharing
-    # a data dir keep apart. A directory given in the environment is the operator's to manage.
-    if not os.environ.get(MULTIPROC_ENV):
-        directory = settings.data_dir.resolve() / "prometheus" / f"port-{args.port}"
-        shutil.rmtree(directory, ignore_errors=True)
+    # adds them all up. One per port, so two gateways sharing a data dir keep apart. A directory given in the
+    # environment is the operator's to manage.
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = Path(given) if given else settings.data_dir.resolve() / "prometheus" / f"port-{args.port}"
+    directory.mkdir(parents=True, exist_ok=True)
+    # Held by this process (the one that spawns the workers) until it exits, and taken before anything is deleted:
+    # a second `serve` started by mistake must not empty the files the running workers write to (they would go on
+    # writing to deleted files and /metrics would stay blank until a restart). The kernel drops it on any exit.
+    with (directory / SERVING_LOCK).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            where = (
+                f"{MULTIPROC_ENV}={directory}" if given else f"this data dir ({settings.data_dir}) on port {args.port}"
+            )
+            raise CliError(f"another gateway is serving with {where}") from None
+        if not given:
+            _empty_metrics_dir(directory)
+        # Set before the workers start: prometheus-client picks its storage when first imported.
         os.environ[MULTIPROC_ENV] = str(directory)
-    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
-    # Each process builds its own app from the same environment (clients, pools, caches are per process).
-    uvicorn.run(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level="info",
-        proxy_headers=True,
-    )
+        cmd_db_upgrade(settings, args)  # once, before the processes start
+        # Each process builds its own app from the same environment (clients, pools, caches are per process).
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="info",
+            proxy_headers=True,
+        )
+
+
+def _empty_metrics_dir(directory: Path) -> None:
+    """Delete a previous run's metric files (they would add its counts to this run's), keeping the lock file."""
+    import shutil
+
+    for entry in directory.iterdir():
+        if entry.name == SERVING_LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
@@ -320,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, default=None, help="write to this file instead of stdout")
     export.set_defaults(func=cmd_usage_export)
     reconcile = usage_sub.add_parser("reconcile", help="check predictions, usage events and spend agree")
+    reconcile.add_argument(
+        "--repair",
+        action="store_true",
+        help="first set spend, reservations and in-flight counts to what their rows add up to (safe while serving)",
+    )
     reconcile.set_defaults(func=cmd_usage_reconcile)
     return parser
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from gateway import webhooks
 from gateway.auth import Principal
 from gateway.backends.base import ImageJob
-from gateway.errors import IdempotencyConflict
+from gateway.errors import BudgetExceeded, ConcurrencyLimited, IdempotencyConflict
 from gateway.jobs import Finished, JobRunner, Why, error_from
 from gateway.metering import limited, price_usd
 from gateway.predictions import prediction_json
@@ -186,10 +186,12 @@ class Engine:
                     )
                     await session.flush()  # a concurrent duplicate fails here, on the key's primary key
                 await self._event(session, p, "start", ())
-        except IntegrityError:
+        except (IntegrityError, BudgetExceeded, ConcurrencyLimited):
+            # A concurrent request with the same key may have committed first: this one then failed on the key's
+            # primary key, or was refused by the hold the other one took (its own job), and is a replay of it.
             if idempotency is None:
                 raise
-            async with self.sessions() as session:  # the other request's transaction committed first
+            async with self.sessions() as session:
                 earlier = await self._earlier(session, principal, idempotency)
             if earlier is None:
                 raise

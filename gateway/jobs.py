@@ -36,7 +36,7 @@ from gateway.metrics import Metrics
 from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
 from gateway.storage import queue, repo
-from gateway.storage.files import FileStore
+from gateway.storage.files import FileStore, StorageUnavailable
 from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
 log = logging.getLogger("hidream_gateway.jobs")
@@ -52,6 +52,7 @@ ERRORS: dict[str, type[GatewayError]] = {
     "backend_error": BackendFailed,
     "timeout": GenerationTimeout,
     "invalid_value": InvalidRequest,
+    "storage_unavailable": StorageUnavailable,
 }
 Why = Literal["cancel", "lost", "shutdown"]
 # Called inside a settle's transaction, so webhook events are written with the state change they report.
@@ -570,15 +571,26 @@ class JobRunner:
 
     async def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
         file_ids = [new_id("file") for _ in result.images]
-        # All at once: to a bucket each save is a round trip, and n images should not take n of them.
-        saved = await asyncio.gather(
+        # All at once: to a bucket each save is a round trip, and n images should not take n of them. Each is waited
+        # for, failed or not, so none is still being written while the others are cleaned up.
+        outcomes = await asyncio.gather(
             *(
                 self.files.save(
                     tenant_id=prediction.tenant_id, file_id=file_id, content_type=result.content_type, data=data
                 )
                 for file_id, data in zip(file_ids, result.images, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        saved = [o for o in outcomes if not isinstance(o, BaseException)]
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            # The job fails without rows for any of them: the images that did land would be orphans in the store.
+            removed = await asyncio.gather(*(self.files.delete(f.path) for f in saved), return_exceptions=True)
+            for f, outcome in zip(saved, removed, strict=True):
+                if isinstance(outcome, BaseException):
+                    log.warning("could not delete %s, stored for %s", f.path, prediction.id, exc_info=outcome)
+            raise errors[0]
         return [
             StoredFile(
                 id=file_id,

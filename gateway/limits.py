@@ -7,6 +7,7 @@ may get up to its limit per process meanwhile); ``mode`` says which is in force,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -134,6 +135,7 @@ class RateLimits:
         timeout: float = 0.25,
         retry_seconds: float = 5.0,
         prefix: str = "hdg:rpm:",
+        max_connections: int = 50,
     ) -> None:
         self.window = window_seconds
         self.local = LocalWindows(window_seconds)
@@ -141,11 +143,16 @@ class RateLimits:
         self.retry_seconds = retry_seconds
         self._down_since: float | None = None
         self._redis: aioredis.Redis | None = None
+        self._slots = asyncio.Semaphore(max_connections)
         if redis_url:
             # Short timeouts: while Redis is unreachable a request waits at most this long before the fallback.
             # No retries inside the client either (its default retries three times): the fallback is the retry.
             self._redis = aioredis.from_url(
-                redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+                redis_url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                max_connections=max_connections,
             )
             self._script = self._redis.register_script(_SLIDING_WINDOW)
 
@@ -164,10 +171,13 @@ class RateLimits:
     async def check(self, principal: Principal) -> Decision | None:
         """Count one request of ``principal``; None when no limit applies. Raises RateLimited when over."""
         limits: dict[str, int] = {}
+        # Both keys carry the tenant in a hash tag ({...}), so on Redis Cluster they live in one slot and the one
+        # script may touch both.
+        tag = f"{{{principal.tenant.id}}}"
         if principal.tenant.rpm is not None:
-            limits[f"t:{principal.tenant.id}"] = principal.tenant.rpm
+            limits[f"{tag}:t"] = principal.tenant.rpm
         if principal.key.rpm is not None:
-            limits[f"k:{principal.key.id}"] = principal.key.rpm
+            limits[f"{tag}:k:{principal.key.id}"] = principal.key.rpm
         if not limits:
             return None
         decision = await self._hit(limits)
@@ -185,10 +195,13 @@ class RateLimits:
         ):
             return self.local.hit(limits)
         try:
-            reply = await self._script(
-                keys=[self.prefix + scope for scope in limits],
-                args=[int(self.window * 1000), secrets.token_hex(8), *limits.values()],
-            )
+            # At most ``max_connections`` calls at once: past the client pool's size redis-py raises an error that
+            # looks like an outage, and a burst would switch this process to per-process counting.
+            async with self._slots:
+                reply = await self._script(
+                    keys=[self.prefix + scope for scope in limits],
+                    args=[int(self.window * 1000), secrets.token_hex(8), *limits.values()],
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             if self._down_since is None:
                 log.warning("Redis is unreachable (%s): rate limits are per process until it is back", exc)

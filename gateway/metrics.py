@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
@@ -170,12 +171,15 @@ def _alive(pid: int) -> bool:
 def _forget_dead_processes(directory: str) -> None:
     """Drop the live gauges of workers that died without shutting down (killed, crashed); counters stay.
 
-    The workers of one ``serve`` share a host, so a pid that no longer exists is a worker that is gone.
+    The workers of one ``serve`` share a host, so a pid that no longer exists is a worker that is gone. This deletes
+    the files ``multiprocess.mark_process_dead`` would, one at a time, because scrapes run at once (in several
+    workers, or several in one) and find the same files: whichever deletes a file second finds it gone already.
     """
     for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
         pid = os.path.basename(path).removesuffix(".db").rsplit("_", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def route_template(scope: Scope) -> str:

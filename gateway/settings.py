@@ -162,6 +162,25 @@ class Settings(BaseSettings):
     output_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     output_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    @field_validator("url_signing_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 32:
+            # Anyone who guesses the key can sign a URL for any tenant's file.
+            raise ValueError(
+                "must be at least 32 characters; make one with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @field_validator("prices_usd_per_megapixel")
+    @classmethod
+    def _prices(cls, value: dict[str, Decimal]) -> dict[str, Decimal]:
+        bad = {model: str(price) for model, price in value.items() if not price.is_finite() or price < 0}
+        if bad:
+            raise ValueError(f"prices must be finite and not negative: {bad}")
+        return value
+
     @field_validator("webhook_allowed_networks")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:

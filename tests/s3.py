@@ -7,14 +7,18 @@ Example::
         settings = Settings(**bucket.settings(prefix="hdg/"))  # HDG_STORAGE=s3 pointed at it
         env = bucket.env(prefix="hdg/")  # the same, as HDG_* variables for a gateway process
         assert bucket.keys() == []
+        bucket.remove()  # gone, as if someone deleted it (or a deploy named the wrong one)
 
 It is a real HTTP server, so gateway processes started by a test reach it the same way they would reach MinIO.
+``SilentServer`` is the opposite: an endpoint that accepts connections and never answers, as a hung store does.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,15 +42,7 @@ class Bucket:
 
     def settings(self, *, prefix: str = "") -> dict[str, Any]:
         """Keyword arguments for ``Settings`` that store images in this bucket."""
-        return {
-            "storage": "s3",
-            "s3_bucket": self.name,
-            "s3_endpoint_url": self.endpoint_url,
-            "s3_region": REGION,
-            "s3_access_key_id": ACCESS_KEY_ID,
-            "s3_secret_access_key": SECRET_ACCESS_KEY,
-            "s3_prefix": prefix,
-        }
+        return store_settings(self.name, self.endpoint_url, prefix=prefix)
 
     def env(self, *, prefix: str = "") -> dict[str, str]:
         """The same settings as ``HDG_*`` environment variables, for a gateway process."""
@@ -61,6 +57,25 @@ class Bucket:
         """An object's bytes and Content-Type, read with boto3 (not with the code under test)."""
         obj = self.client.get_object(Bucket=self.name, Key=key)
         return obj["Body"].read(), obj["ContentType"]
+
+    def remove(self) -> None:
+        """Delete every object, then the bucket itself."""
+        for key in self.keys():
+            self.client.delete_object(Bucket=self.name, Key=key)
+        self.client.delete_bucket(Bucket=self.name)
+
+
+def store_settings(bucket: str, endpoint_url: str, *, prefix: str = "") -> dict[str, Any]:
+    """Keyword arguments for ``Settings`` that store images in ``bucket`` at ``endpoint_url`` with moto's keys."""
+    return {
+        "storage": "s3",
+        "s3_bucket": bucket,
+        "s3_endpoint_url": endpoint_url,
+        "s3_region": REGION,
+        "s3_access_key_id": ACCESS_KEY_ID,
+        "s3_secret_access_key": SECRET_ACCESS_KEY,
+        "s3_prefix": prefix,
+    }
 
 
 class MotoS3:
@@ -102,3 +117,51 @@ class MotoS3:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SilentServer:
+    """A loopback TCP server that accepts every connection and never sends a byte: a store that hangs.
+
+    Example::
+
+        with SilentServer() as silent:
+            settings = Settings(**silent.settings())  # requests to it wait until the client gives up
+            assert silent.accepted == 0
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)  # so the accept loop notices ``stop`` soon
+        self.port: int = self._sock.getsockname()[1]
+        self.accepted = 0
+        self._open: list[socket.socket] = []  # held, so the kernel never closes or resets them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def settings(self, *, bucket: str = "hdg-silent") -> dict[str, Any]:
+        """Keyword arguments for ``Settings`` that point the S3 store at this server."""
+        return store_settings(bucket, self.url)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self._open.append(conn)
+            self.accepted += 1
+
+    def __enter__(self) -> SilentServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._open:
+            conn.close()
+        self._sock.close()

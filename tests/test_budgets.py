@@ -7,6 +7,9 @@ reads the ledger rows and the reconcile report from the database afterwards.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
@@ -153,6 +156,24 @@ def test_in_flight_caps_per_tenant_and_per_key(fal_gateway: Gateway, fal: FakeFa
     assert audit(fal_gateway.settings.resolved_database_url).mismatches == []
 
 
+def test_a_retry_racing_its_original_is_a_replay_not_a_refusal(fal_gateway: Gateway, fal: FakeFal) -> None:
+    # One slot: the request that commits first takes it, and the duplicate, refused by that hold, is its replay.
+    fal.faults.processing_s = 30.0
+    tenant = fal_gateway.create_tenant(max_in_flight=1, monthly_budget_usd=str(FAST_1MP))
+    headers = {"Authorization": f"Bearer {tenant['api_key']}", "Idempotency-Key": "retry-1"}
+
+    def create(_: int) -> httpx.Response:
+        with httpx.Client(base_url=fal_gateway.url, timeout=60) as client:
+            return client.post(CREATE, json={"input": {"prompt": "a fox"}}, headers=headers)
+
+    for _ in range(3):  # three rounds of two at once, then a late retry
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(create, range(2)))
+        assert [r.status_code for r in answers] == [201, 201], [r.text for r in answers]
+        assert answers[0].json()["id"] == answers[1].json()["id"]
+    assert fal.submits == 1
+
+
 def test_a_key_budget_is_its_own(fal_gateway: Gateway) -> None:
     tenant = fal_gateway.create_tenant(monthly_budget_usd="100")
     resp = fal_gateway.admin(
@@ -173,6 +194,20 @@ def test_a_key_budget_is_its_own(fal_gateway: Gateway) -> None:
     assert audit(url).mismatches == []
 
 
+def test_limits_outside_the_columns_range_are_refused_with_400(fal_gateway: Gateway) -> None:
+    tenant = fal_gateway.create_tenant()
+    key_id = tenant["key_id"]
+    for method, path, body in (
+        ("POST", "/admin/tenants", {"name": "x", "rpm": 2**31}),
+        ("PATCH", f"/admin/tenants/{tenant['tenant_id']}", {"max_in_flight": 2**31}),
+        ("POST", f"/admin/tenants/{tenant['tenant_id']}/keys", {"rpm": 2**63}),
+        ("PATCH", f"/admin/keys/{key_id}", {"max_in_flight": 2**40}),
+        ("PATCH", f"/admin/keys/{key_id}", {"monthly_budget_usd": "-1"}),
+    ):
+        resp = fal_gateway.admin(method, path, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error", (body, resp.text)
+
+
 def test_reconcile_names_every_planted_mismatch(fal_gateway: Gateway) -> None:
     tenant = fal_gateway.create_tenant(monthly_budget_usd="10")
     for _ in range(2):
@@ -189,3 +224,18 @@ def test_reconcile_names_every_planted_mismatch(fal_gateway: Gateway) -> None:
     assert any(line.startswith("tenant spend") and t in line for line in lines), lines
     assert any(line.startswith("tenant reserved") and t in line for line in lines), lines
     assert any(line.startswith("tenant in_flight") and t in line for line in lines), lines
+
+    # The repair sets every running total back to what its rows say (the deleted event's charge is gone for good:
+    # spend follows the usage events that remain). Then the books balance again.
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "usage", "reconcile", "--repair"],
+        env={**os.environ, "HDG_DATABASE_URL": url, "HDG_DATA_DIR": str(fal_gateway.settings.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr  # the prediction without an event still differs
+    assert f"repaired tenant in_flight {t}: 3 -> 0" in result.stdout
+    assert f"repaired tenant reserved ('{t}'" in result.stdout
+    assert "has no usage event" in result.stdout and "reconcile: 1 mismatch" in result.stdout
+    assert ledger(url, t) == (FAST_1MP, Decimal(0), 0)

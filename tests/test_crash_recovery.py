@@ -61,7 +61,7 @@ def gateway_env(fal: FakeFal, *, data_dir: Path, database_url: str, poll_s: floa
         "HDG_DATA_DIR": str(data_dir),
         "HDG_DATABASE_URL": database_url,
         "HDG_ADMIN_TOKEN": ADMIN_TOKEN,
-        "HDG_URL_SIGNING_SECRET": "crash-recovery-signing-secret",
+        "HDG_URL_SIGNING_SECRET": "crash-recovery-signing-secret-of-32-chars-or-more",
         "HDG_BACKENDS": "fal",
         "FAL_KEY": fal.key,
         "HDG_FAL_BASE_URL": fal.url,

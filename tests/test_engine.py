@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from dataclasses import asdict
-from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,8 @@ from gateway.settings import default_backend_costs
 from gateway.storage import queue, repo
 from gateway.storage.db import open_database, session_factory
 from gateway.storage.files import LocalFileStore
-from gateway.storage.models import Prediction, StoredFile, UsageEvent, new_id, utcnow
+from gateway.storage.models import Prediction, StoredFile, UsageEvent
+from tests.held_job import insert_held_job
 
 JOB = ImageJob(variant="fast", prompt="a fox", width=64, height=64, seed=1)
 
@@ -57,35 +56,7 @@ async def _setup(url: str, tmp: Path) -> tuple[Any, JobRunner, HeldBackend, Pred
     engine_cm = open_database(url)
     engine = await engine_cm.__aenter__()
     sessions = session_factory(engine)
-    async with sessions.begin() as session:
-        tenant = await repo.create_tenant(session, name="acme")
-        key = await repo.add_key(session, tenant_id=tenant.id, key_hash="0" * 64, display_prefix="hdg_test")
-        now = utcnow()
-        p = Prediction(
-            id=new_id("gen"),
-            tenant_id=tenant.id,
-            api_key_id=key.id,
-            model="hidream-i1-fast",
-            status="processing",
-            prompt=JOB.prompt,
-            params={},
-            width=64,
-            height=64,
-            n=1,
-            seed=1,
-            attempts=0,
-            created_at=now,
-            job=asdict(JOB),
-            route="cheapest",
-            available_at=now,
-            deadline_at=now + timedelta(minutes=1),
-            lease_owner="run_me",
-            lease_expires_at=now + timedelta(minutes=1),
-            started_at=now,
-            cancel_requested=False,
-            logs="",
-        )
-        await queue.insert_job(session, p)
+    p = await insert_held_job(sessions, JOB)
     backend = HeldBackend()
     health = HealthBoard()
     health.register(backend.name, max_in_flight=4)

@@ -491,6 +491,27 @@ def test_k8s_env_comes_from_the_configmap_and_the_secret() -> None:
     assert not secret_names & set(configmap["data"])
 
 
+def test_k8s_pods_never_serve_metrics_without_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Service forwards every path, /metrics (spend per tenant) included: a pod starts only with its token."""
+    (container,) = pod_containers(k8s("Deployment"))
+    required = {
+        name
+        for name, entry in container_env(container).items()
+        if entry["valueFrom"]["secretKeyRef"].get("optional", False) is False
+    }
+    assert {"HDG_METRICS_TOKEN", "HDG_ADMIN_TOKEN"} <= required
+    # A pod given just the required keys of the Secret has the token, so /metrics answers 401 to anyone without it.
+    env = {**k8s("ConfigMap")["data"], **{name: k8s("Secret")["stringData"][name] for name in required}}
+    assert isolated_settings(env, monkeypatch).metrics_token is not None
+    # The scrape job that honours the annotations is documented beside them, sending the token as compose's does.
+    documented = re.search(r"^\s*#\s+(authorization: \{.*\})$", (K8S / "deployment.yaml").read_text(), re.MULTILINE)
+    assert documented is not None
+    authorization = yaml.safe_load(documented.group(1))["authorization"]
+    (compose_job,) = yaml.safe_load((INFRA / "prometheus.yml").read_text())["scrape_configs"]
+    assert authorization.keys() == compose_job["authorization"].keys()
+    assert authorization["type"] == "Bearer" and authorization["credentials_file"].startswith("/")
+
+
 def test_the_migration_job_upgrades_the_database() -> None:
     job = k8s("Job")
     (container,) = pod_containers(job)

@@ -5,17 +5,18 @@ the cap on a charge, and holds raced by concurrent transactions.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth import create_tenant_with_key
 from gateway.errors import BudgetExceeded, ConcurrencyLimited
 from gateway.reconcile import reconcile
 from gateway.storage import ledger, queue, repo
-from gateway.storage.db import open_database, session_factory
+from gateway.storage.db import open_database, session_factory, upgrade
 from gateway.storage.models import ApiKey, KeySpend, Prediction, Tenant, TenantSpend, UsageEvent, new_id, utcnow
 
 
@@ -82,6 +83,35 @@ def test_a_job_held_in_one_month_and_settled_in_the_next(database_url: str) -> N
     asyncio.run(main())
 
 
+def test_holds_still_open_from_an_earlier_month_count_against_this_one(database_url: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            tenant, key = await _tenant(sessions, budget="1.00")
+            await _job(sessions, tenant, key, "0.60", month="2020-01")  # still running; it will be charged now
+            this_month = repo.month_key(utcnow())
+            with pytest.raises(BudgetExceeded):
+                await _job(sessions, tenant, key, "0.50", month=this_month)
+            await _job(sessions, tenant, key, "0.40", month=this_month)  # exactly the rest
+
+    asyncio.run(main())
+
+
+def test_a_budget_lowered_elsewhere_holds_at_once(database_url: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            tenant, key = await _tenant(sessions, budget="1.00")  # ``tenant`` now plays a cached, stale copy
+            async with sessions.begin() as session:
+                row = await session.get(Tenant, tenant.id)
+                assert row is not None
+                row.monthly_budget_usd = Decimal("0.10")  # another replica's admin API
+            with pytest.raises(BudgetExceeded):
+                await _job(sessions, tenant, key, "0.25", month=repo.month_key(utcnow()))
+
+    asyncio.run(main())
+
+
 def test_a_charge_is_never_more_than_the_hold(database_url: str) -> None:
     async def main() -> None:
         async with open_database(database_url) as engine:
@@ -121,6 +151,36 @@ def test_concurrent_holds_take_exactly_what_is_left(database_url: str, limit: st
                 row = await session.get(TenantSpend, (tenant.id, month))
                 assert row is not None and row.reserved_usd == Decimal("0.25") * results.count(True)
                 assert (await session.get(Tenant, tenant.id)).in_flight == results.count(True)  # type: ignore[union-attr]
+            async with sessions() as session:
+                assert (await reconcile(session)).mismatches == []
+
+    asyncio.run(main())
+
+
+def test_migrating_an_older_database_puts_its_spend_on_the_ledger(database_url: str) -> None:
+    """Usage billed before revision 0002 (no monthly row) and before 0004 (no key rows) reconciles after 0004."""
+
+    async def main() -> None:
+        async with open_database(database_url, migrate=False) as engine:
+            await upgrade(engine, "0003")
+            async with engine.begin() as conn:
+                for statement in (
+                    "INSERT INTO tenants (id, name, status, created_at) VALUES ('ten_old', 'old', 'active', :at)",
+                    "INSERT INTO api_keys (id, tenant_id, key_hash, display_prefix, created_at) "
+                    "VALUES ('key_old', 'ten_old', 'h', 'hdg_x', :at)",
+                    "INSERT INTO predictions (id, tenant_id, api_key_id, model, status, prompt, params, width, height, "
+                    "n, seed, created_at) VALUES ('gen_old', 'ten_old', 'key_old', 'hidream-i1-fast', 'succeeded', "
+                    "'p', '{}', 1024, 1024, 1, 1, :at)",
+                    "INSERT INTO usage_events (prediction_id, tenant_id, api_key_id, model, width, height, images, "
+                    "price_usd, latency_ms, status, created_at) VALUES ('gen_old', 'ten_old', 'key_old', "
+                    "'hidream-i1-fast', 1024, 1024, 0, 0.25, 1, 'succeeded', :at)",
+                ):
+                    await conn.execute(text(statement), {"at": datetime(2025, 7, 31, 23, 30, tzinfo=UTC)})
+            await upgrade(engine, "head")
+            sessions = session_factory(engine)
+            assert await _rows(sessions, TenantSpend) == {"2025-07": (Decimal("0.25"), Decimal(0))}
+            assert await _rows(sessions, KeySpend) == {"2025-07": (Decimal("0.25"), Decimal(0))}
+            async with sessions() as session:
                 assert (await reconcile(session)).mismatches == []
 
     asyncio.run(main())

@@ -62,6 +62,19 @@ def test_two_limiters_on_one_redis_share_the_window() -> None:
     asyncio.run(main())
 
 
+def test_a_burst_in_one_process_is_counted_in_redis_not_dropped_to_the_fallback() -> None:
+    async def main() -> None:
+        limits = RateLimits(REDIS, max_connections=20)
+        try:
+            who = principal(tenant_rpm=50)
+            outcomes = await asyncio.gather(*(_count_allowed(limits, who, 1) for _ in range(300)))
+            assert sum(outcomes) == 50 and limits.mode == "redis"  # more calls than connections wait their turn
+        finally:
+            await limits.aclose()
+
+    asyncio.run(main())
+
+
 def test_without_redis_configured_the_limits_are_per_process() -> None:
     async def main() -> None:
         limits = RateLimits(None)

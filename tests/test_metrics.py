@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.metrics import MULTIPROC_ENV
+from gateway.metrics import MULTIPROC_ENV, Metrics, _forget_dead_processes
 from tests.conftest import ADMIN_TOKEN, Gateway, GatewayFactory, fal_only
 from tests.fakes.fal import FakeFal
 from tests.fakes.server import free_port
@@ -135,7 +138,7 @@ def test_readyz_shows_every_check_and_goes_unready_without_an_eligible_backend(f
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "backends": {"fal": "ready"}, "redis": "not configured"},
+        "checks": {"database": "ok", "backends": {"fal": "ready"}, "redis": "not configured", "storage": "ok"},
     }
     fal.faults.fail_jobs = True
     key = gw.create_tenant()["api_key"]
@@ -177,16 +180,26 @@ def test_metrics_token_protects_the_scrape(fal_gateway: Any) -> None:
 # -- several worker processes -------------------------------------------------------------------------------------
 
 
+@dataclass
+class Served:
+    """A running ``serve --workers 2``, and what it took to start it."""
+
+    url: str
+    metrics_dir: Path
+    proc: subprocess.Popen[bytes]
+    command: list[str]
+    env: dict[str, str]
+
+
 @pytest.fixture
-def served(tmp_path: Path, postgres_url: str, fal: FakeFal) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
-    """``hidream-gateway serve --workers 2`` in front of the fake fal; yields its URL, metrics dir and process."""
+def served(tmp_path: Path, postgres_url: str, fal: FakeFal) -> Iterator[Served]:
+    """``hidream-gateway serve --workers 2`` in front of the fake fal, its metrics in the data dir as by default."""
     port = free_port()
-    metrics_dir = tmp_path / "prometheus"
+    data_dir = (tmp_path / "data").resolve()
     skip = ("HDG_", "PROMETHEUS_", "FAL_KEY", "REPLICATE_API_TOKEN")  # only what this test sets reaches the gateway
     env = {k: v for k, v in os.environ.items() if not k.startswith(skip)} | {
         "PYTHONUNBUFFERED": "1",
-        MULTIPROC_ENV: str(metrics_dir),
-        "HDG_DATA_DIR": str(tmp_path / "data"),
+        "HDG_DATA_DIR": str(data_dir),
         "HDG_DATABASE_URL": postgres_url,
         "HDG_ADMIN_TOKEN": ADMIN_TOKEN,
         "HDG_BACKENDS": "fal",
@@ -195,10 +208,22 @@ def served(tmp_path: Path, postgres_url: str, fal: FakeFal) -> Iterator[tuple[st
         "HDG_FAL_OUTPUT_HOSTS": fal.url,
         "HDG_PROVIDER_POLL_SECONDS": "0.05",
     }
+    metrics_dir = data_dir / "prometheus" / f"port-{port}"
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--host", "127.0.0.1"]
+    command = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--workers",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*command, "--port", str(port)], env=env, cwd=ROOT, stdout=log, stderr=log)
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -214,7 +239,7 @@ def served(tmp_path: Path, postgres_url: str, fal: FakeFal) -> Iterator[tuple[st
                 pass
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        yield url, metrics_dir, proc
+        yield Served(url, metrics_dir, proc, command, env)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -241,19 +266,21 @@ def per_worker(metrics_dir: Path, name: str, **labels: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_serve_with_two_workers_exports_the_sum_of_both(
-    served: tuple[str, Path, subprocess.Popen[bytes]], fal: FakeFal
-) -> None:
-    url, metrics_dir, _ = served
+def test_serve_with_two_workers_exports_the_sum_of_both(served: Served, fal: FakeFal) -> None:
+    url, metrics_dir = served.url, served.metrics_dir
     fal.faults.processing_s = 0.2  # jobs overlap, so connections land on both workers
     with httpx.Client(base_url=url, timeout=60) as admin:
         made = admin.post("/admin/tenants", json={"name": "acme"}, headers=auth(ADMIN_TOKEN))
         assert made.status_code == 201, made.text
     key, tenant_id = made.json()["api_key"], made.json()["tenant_id"]
 
+    signed: list[str] = []
+
     def generate(_: int) -> int:
         with httpx.Client(base_url=url, timeout=60) as client:  # a new connection each time
-            return client.post("/v1/images/generations", json=GENERATE, headers=auth(key)).status_code
+            resp = client.post("/v1/images/generations", json=GENERATE, headers=auth(key))
+            signed.extend(d["url"] for d in resp.json().get("data", []))
+            return resp.status_code
 
     route = {"route": "/v1/images/generations", "method": "POST", "status": "200"}
     sent = 0
@@ -266,6 +293,11 @@ def test_serve_with_two_workers_exports_the_sum_of_both(
                 break
     assert len([n for n in served_by.values() if n > 0]) == 2, served_by
     assert sum(served_by.values()) == sent
+    # Both workers started on a fresh data dir without HDG_URL_SIGNING_SECRET, and signed these URLs: each one,
+    # fetched on a new connection (either worker may take it), verifies.
+    for link in signed:
+        with httpx.Client(timeout=30) as fresh:
+            assert fresh.get(link).status_code == 200, link
 
     with httpx.Client(base_url=url, timeout=60) as client:
         for _ in range(6):  # whichever worker answers, it reports both workers' counts
@@ -291,3 +323,80 @@ def test_serve_with_two_workers_exports_the_sum_of_both(
         samples = scrape(fresh)
     assert value(samples, "hdg_http_requests_total", **route) == sent
     assert value(samples, "hdg_jobs_in_flight") == 0
+
+
+@pytest.mark.slow
+def test_a_second_serve_on_the_same_data_dir_and_port_refuses_and_leaves_the_first_alone(served: Served) -> None:
+    readyz = {"route": "/readyz", "method": "GET", "status": "200"}
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        for _ in range(5):
+            assert client.get("/readyz").status_code == 200
+        before = value(scrape(client), "hdg_http_requests_total", **readyz)
+    files = sorted(p.name for p in served.metrics_dir.iterdir())
+    assert len([name for name in files if name.startswith("gauge_livesum_")]) == 2
+
+    # The same command again, by mistake; then once more with the directory named in the environment.
+    data_dir, port = served.env["HDG_DATA_DIR"], served.command[-1]
+    for env, message in (
+        (served.env, f"another gateway is serving with this data dir ({data_dir}) on port {port}"),
+        (
+            served.env | {MULTIPROC_ENV: str(served.metrics_dir)},
+            f"another gateway is serving with {MULTIPROC_ENV}={served.metrics_dir}",
+        ),
+    ):
+        second = subprocess.run(
+            served.command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert second.returncode == 2 and message in second.stderr, second.stderr
+
+    assert sorted(p.name for p in served.metrics_dir.iterdir()) == files
+    assert served.proc.poll() is None
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        for _ in range(3):
+            assert client.get("/readyz").status_code == 200
+        # The workers still write to the files /metrics reads: nothing counted before is lost, nothing since missed.
+        assert value(scrape(client), "hdg_http_requests_total", **readyz) == before + 3
+
+
+def dead_worker(directory: Path) -> int:
+    """Run a process that records metrics into ``directory`` as a worker does and exits without cleaning up."""
+    script = (
+        "from prometheus_client import Counter, Gauge\n"
+        "Counter('hdg_done', 'Done.').inc()\n"
+        "Gauge('hdg_running', 'Running.', multiprocess_mode='livesum').inc()\n"
+        "Gauge('hdg_up', 'Up.', multiprocess_mode='livemostrecent').set(1)\n"
+    )
+    directory.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ | {MULTIPROC_ENV: str(directory)})
+    assert proc.wait(60) == 0
+    return proc.pid
+
+
+def test_concurrent_scrapes_forget_a_dead_worker_without_tripping_on_each_other(tmp_path: Path) -> None:
+    left_behind = tmp_path / "left-behind"
+    pid = dead_worker(left_behind)
+    live = [f"gauge_livemostrecent_{pid}.db", f"gauge_livesum_{pid}.db"]
+    assert sorted(p.name for p in left_behind.iterdir()) == [f"counter_{pid}.db", *live]
+    directory = tmp_path / "metrics"
+    threads = 8
+    barrier = threading.Barrier(threads)
+
+    def forget(_: int) -> None:
+        barrier.wait()  # all at once, so they find the same files
+        _forget_dead_processes(str(directory))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, so one deletes between another's glob and delete
+    try:
+        for _ in range(100):
+            shutil.copytree(left_behind, directory, dirs_exist_ok=True)
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(forget, range(threads)))  # raises what any of them raised
+            assert sorted(p.name for p in directory.iterdir()) == [f"counter_{pid}.db"]
+    finally:
+        sys.setswitchinterval(switch)
+    # A scrape then reports the dead worker's count and none of its live gauges.
+    body, _ = Metrics(max_tenants=1, redis=False, multiprocess_dir=str(directory)).render(None)
+    samples = parse(body.decode())
+    assert value(samples, "hdg_done_total") == 1
+    assert not [s for s in samples if s.name in ("hdg_running", "hdg_up")]

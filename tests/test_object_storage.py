@@ -1,8 +1,10 @@
 """Image storage: the local directory and the S3-compatible bucket behind one interface, and replicas sharing it.
 
-The S3 tests run against moto in server mode (tests/s3.py) over real HTTP. The replica tests start two real gateway
-processes on one PostgreSQL database, each with its own data directory, and check that an image made through one
-is served by the other: through a bucket it is, through separate local directories it is not.
+The S3 tests run against moto in server mode (tests/s3.py) over real HTTP, and against a server that never answers.
+A store that cannot be used (a missing bucket, a hung endpoint) must fail fast and say so: a 503 and an unready
+gateway, never a 404 that reads as deleted files. The replica tests start two real gateway processes on one
+PostgreSQL database, each with its own data directory, and check that an image made through one is served by the
+other: through a bucket it is, through separate local directories it is not.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import os
+import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,13 +26,28 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from sqlalchemy import func, select
 
-from gateway.settings import Settings
-from gateway.storage.files import FileMissing, LocalFileStore, S3FileStore, build_file_store
+from gateway.backends.base import ImageJob, ImageResult
+from gateway.health import HealthBoard
+from gateway.jobs import JobRunner
+from gateway.settings import Settings, default_backend_costs
+from gateway.storage.db import open_database, session_factory
+from gateway.storage.files import (
+    FileMissing,
+    LocalFileStore,
+    S3FileStore,
+    SavedFile,
+    StorageUnavailable,
+    build_file_store,
+)
+from gateway.storage.models import Prediction, StoredFile
+from tests.conftest import GatewayFactory
 from tests.fakes.fal import FakeFal
 from tests.fakes.server import make_image
 from tests.gateway_process import GatewayProcess
-from tests.s3 import Bucket, MotoS3
+from tests.held_job import insert_held_job
+from tests.s3 import SECRET_ACCESS_KEY, Bucket, MotoS3, SilentServer
 
 ADMIN_TOKEN = "storage-admin-token"
 PNG = make_image(256, 256, "png", seed=7)
@@ -159,6 +179,211 @@ def test_local_store_readers_see_a_whole_file_or_none_while_it_is_rewritten(tmp_
     assert [p.name for p in (tmp_path / "files" / "ten_a").iterdir()] == ["file_1.png"]  # no temporary files left
 
 
+# --- a store that cannot be used ------------------------------------------------------------------------------
+
+
+def test_a_store_that_never_answers_fails_each_request_within_15_seconds() -> None:
+    """Per-request timeout: a hung endpoint costs a read, a save or a check 10 s, not obstore's default minute."""
+    with SilentServer() as silent:
+        store = build_file_store(Settings(**silent.settings()))
+
+        async def scenario() -> list[Any]:
+            async with asyncio.timeout(30):  # without the per-request timeout this would wait a minute or more
+                return await asyncio.gather(
+                    store.read("ten_a/file_1.png"),
+                    store.save(tenant_id="ten_a", file_id="file_2", content_type="image/png", data=PNG),
+                    store.check(),
+                    return_exceptions=True,
+                )
+
+        started = time.monotonic()
+        outcomes = asyncio.run(scenario())
+        elapsed = time.monotonic() - started
+        assert all(isinstance(o, StorageUnavailable) for o in outcomes), outcomes
+        assert [o.reason for o in outcomes] == ["no answer within 10 s"] * 3
+        assert str(outcomes[0]) == "Image storage is unavailable; try again later. (no answer within 10 s)"
+        assert 9 < elapsed < 15, elapsed
+        assert silent.accepted == 3  # one connection each: a request that timed out is not tried again
+
+
+def test_a_missing_bucket_is_storage_unavailable_never_missing_files(bucket: Bucket) -> None:
+    """A missing key is FileMissing (a 404); a missing bucket is StorageUnavailable, whatever the operation."""
+    store = s3_file_store(bucket, prefix="hdg/")
+
+    async def scenario() -> None:
+        await store.check()  # the bucket is there
+        assert bucket.keys() == []  # and checking wrote nothing
+        with pytest.raises(FileMissing):
+            await store.read("ten_a/file_never_written.png")
+
+        bucket.remove()
+        failures = [
+            store.read("ten_a/file_never_written.png"),
+            store.save(tenant_id="ten_a", file_id="file_1", content_type="image/png", data=PNG),
+            store.delete("ten_a/file_1.png"),
+            store.check(),
+        ]
+        for failure in failures:
+            with pytest.raises(StorageUnavailable) as caught:
+                await failure
+            assert not isinstance(caught.value, LookupError)
+            assert caught.value.reason == "the bucket does not exist (NoSuchBucket)"
+            assert SECRET_ACCESS_KEY not in str(caught.value)
+            assert (caught.value.status_code, caught.value.code) == (503, "storage_unavailable")
+
+    asyncio.run(scenario())
+
+
+def test_the_local_store_check_creates_its_directory_and_fails_where_it_cannot(tmp_path: Path) -> None:
+    fresh = LocalFileStore(tmp_path / "data" / "files")
+    asyncio.run(fresh.check())
+    assert (tmp_path / "data" / "files").is_dir()  # a fresh data dir is ready before its first image
+
+    (tmp_path / "blocker").write_text("a file where the data dir should be")
+    blocked = LocalFileStore(tmp_path / "blocker" / "files")
+    with pytest.raises(StorageUnavailable, match="cannot create") as caught:
+        asyncio.run(blocked.check())
+    assert caught.value.reason.startswith(f"cannot create {tmp_path / 'blocker' / 'files'}: ")
+
+
+def test_a_missing_bucket_is_a_503_and_makes_the_gateway_unready(
+    make_gateway: GatewayFactory, sqlite_url: str, bucket: Bucket
+) -> None:
+    gw = make_gateway(sqlite_url, **bucket.settings(prefix="hdg/"))
+    ready = gw.client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["storage"] == "ok"
+    key = gw.create_tenant()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    made = gw.generate(key)
+    assert made.status_code == 200, made.text
+    (entry,) = made.json()["data"]
+
+    bucket.remove()
+    unavailable = {
+        "message": "Image storage is unavailable; try again later.",
+        "type": "server_error",
+        "param": None,
+        "code": "storage_unavailable",
+    }
+    for resp in (
+        httpx.get(entry["url"]),
+        gw.client.get(f"/v1/files/{entry['file_id']}/content", headers=auth),
+    ):
+        assert resp.status_code == 503, resp.text  # not 404 "no longer stored": the file is not gone, the bucket is
+        assert resp.json() == {"error": unavailable}
+
+    unready = gw.client.get("/readyz")
+    assert unready.status_code == 503
+    assert unready.json()["status"] == "unavailable"
+    assert unready.json()["checks"]["storage"] == "error: the bucket does not exist (NoSuchBucket)"
+    assert unready.json()["checks"]["database"] == "ok"
+
+    failed = gw.generate(key)  # the backend made the image; storing it failed
+    assert failed.status_code == 503, failed.text
+    assert failed.json() == {"error": unavailable}
+
+
+# --- a job whose images are saved in part --------------------------------------------------------------------------
+
+
+class OneSaveFails:
+    """A real S3 store, except that saving the file ``fails`` is refused at once (while the others are in flight)."""
+
+    def __init__(self, store: S3FileStore, *, fails: int, deletes_fail: bool = False) -> None:
+        self.store = store
+        self.fails = fails
+        self.deletes_fail = deletes_fail
+        self.saves = 0
+        self.in_flight = 0
+
+    async def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
+        self.saves += 1
+        if self.saves == self.fails:
+            raise StorageUnavailable("S3 error SlowDown")
+        self.in_flight += 1
+        try:
+            return await self.store.save(tenant_id=tenant_id, file_id=file_id, content_type=content_type, data=data)
+        finally:
+            self.in_flight -= 1
+
+    async def read(self, path: str) -> bytes:
+        return await self.store.read(path)
+
+    async def delete(self, path: str) -> None:
+        if self.deletes_fail:
+            raise StorageUnavailable("S3 error AccessDenied")
+        await self.store.delete(path)
+
+    async def check(self) -> None:
+        await self.store.check()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+class ThreeImages:
+    """A backend that makes three PNGs per job."""
+
+    name = kind = "local"
+    variants = frozenset({"fast"})
+
+    async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
+        images = [make_image(64, 64, "png", seed=i) for i in range(3)]
+        return ImageResult(images, "image/png", 64, 64, job.seed)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _held_job(runner: JobRunner) -> Prediction:
+    """A three-image job, leased to ``run_me`` as if it had just been claimed."""
+    job = ImageJob(variant="fast", prompt="three foxes", width=64, height=64, seed=1)
+    return await insert_held_job(runner.sessions, job, n=3)
+
+
+@pytest.mark.parametrize("deletes_fail", [False, True], ids=["cleaned-up", "cleanup-fails"])
+def test_when_one_of_n_saves_fails_the_others_are_deleted_and_the_save_error_is_reported(
+    sqlite_url: str, bucket: Bucket, deletes_fail: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = OneSaveFails(s3_file_store(bucket), fails=2, deletes_fail=deletes_fail)
+
+    async def scenario() -> None:
+        async with open_database(sqlite_url) as engine:
+            backend = ThreeImages()
+            health = HealthBoard()
+            health.register(backend.name, max_in_flight=4)
+            runner = JobRunner(
+                sessions=session_factory(engine),
+                backends=[backend],
+                files=files,
+                prices={"hidream-i1-fast": Decimal("0.01")},
+                costs=default_backend_costs(),
+                gpu_usd_per_second=Decimal("0.001"),
+                health=health,
+                attempt_timeout=30,
+            )
+            p = await _held_job(runner)
+            finished = await runner.execute(p, owner="run_me", allowed=None, why=lambda: None)
+            assert files.in_flight == 0  # every save had ended before the job did: none can land afterwards
+            assert finished.prediction.status == "failed"
+            assert isinstance(finished.error, StorageUnavailable)  # the save's error, not the clean-up's
+            assert finished.error.reason == "S3 error SlowDown"
+            async with runner.sessions() as session:
+                assert await session.scalar(select(func.count()).select_from(StoredFile)) == 0
+
+    with caplog.at_level(logging.WARNING, logger="hidream_gateway.jobs"):
+        asyncio.run(scenario())
+    if deletes_fail:  # best effort: the two that landed stay, and each is logged for someone to remove
+        assert len(bucket.keys()) == 2
+        assert sum("could not delete" in r.getMessage() for r in caplog.records) == 2
+    else:
+        assert bucket.keys() == []
+
+
 # --- two replicas --------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +398,7 @@ def replicas(fal: FakeFal, postgres_url: str, tmp_path: Path) -> Iterator[Any]:
                 "HDG_DATA_DIR": str(tmp_path / f"data-{name}"),
                 "HDG_DATABASE_URL": postgres_url,
                 "HDG_ADMIN_TOKEN": ADMIN_TOKEN,
-                "HDG_URL_SIGNING_SECRET": "replicas-share-this-secret",
+                "HDG_URL_SIGNING_SECRET": "replicas-share-this-secret-of-32-chars-or-more",
                 "HDG_BACKENDS": "fal",
                 "FAL_KEY": fal.key,
                 "HDG_FAL_BASE_URL": fal.url,

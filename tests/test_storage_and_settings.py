@@ -87,11 +87,17 @@ def test_signing_key_is_made_once_and_shared_through_the_database(tmp_path: Path
     first = _signing_key(Settings(data_dir=tmp_path / "a", database_url=db))
     # Another process with its own data dir, on the same database: the same key, so URLs verify on both.
     assert _signing_key(Settings(data_dir=tmp_path / "b", database_url=db)) == first and len(first) >= 32
-    assert _signing_key(Settings(data_dir=tmp_path / "c", database_url=db, url_signing_secret="fixed")) == b"fixed"
+    assert _signing_key(Settings(data_dir=tmp_path / "c", database_url=db, url_signing_secret="f" * 32)) == b"f" * 32
     # A key file an older version wrote is adopted on a database that has none yet, so its URLs stay valid.
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "url-signing.key").write_text("legacy-key\n")
-    assert _signing_key(Settings(data_dir=tmp_path / "d")) == b"legacy-key"
+    (tmp_path / "d" / "url-signing.key").write_text("legacy-key-written-by-an-older-version-0123456789\n")
+    assert _signing_key(Settings(data_dir=tmp_path / "d")) == b"legacy-key-written-by-an-older-version-0123456789"
+    # A key anyone could guess is refused: too short in the settings, replaced when found in an old file.
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(url_signing_secret="   short   ")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "url-signing.key").write_text("  \n")
+    assert len(_signing_key(Settings(data_dir=tmp_path / "e"))) >= 32
 
 
 def test_file_store_refuses_paths_outside_its_root(tmp_path: Path) -> None:

@@ -323,6 +323,16 @@ def test_bad_report_parameters_are_400_with_param(sqlite_gateway: Gateway) -> No
         assert error["type"] == "invalid_request_error" and error["param"] == param, (params, error)
     admin = sqlite_gateway.admin("GET", "/admin/usage", params={"period": "2026-00"})
     assert admin.status_code == 400 and admin.json()["error"]["param"] == "period"
+    # The event lists take the same times: outside the calendar once in UTC is a 400 there too, not a 500.
+    for params, param in (
+        ({"since": "0001-01-01T00:00:00+05:00"}, "since"),
+        ({"until": "9999-12-31T23:59:59-05:00"}, "until"),
+    ):
+        for resp in (
+            sqlite_gateway.client.get("/v1/usage/events", params=params, headers=a.auth),
+            sqlite_gateway.admin("GET", "/admin/usage/events", params=params),
+        ):
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
 
 
 def test_sqlite_stores_utc_wall_time_text(sqlite_url: str) -> None:

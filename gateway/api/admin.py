@@ -34,6 +34,7 @@ VariantName = Literal["full", "dev", "fast"]
 TENANT_ID, KEY_ID = r"^ten_[0-9a-f]{24}$", r"^key_[0-9a-f]{24}$"
 TenantId = Annotated[str, Path(pattern=TENANT_ID)]
 KeyId = Annotated[str, Path(pattern=KEY_ID)]
+INT32 = 2**31 - 1  # the columns are 32-bit integers
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
@@ -41,9 +42,9 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Text = Field(min_length=1, max_length=200)
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1, le=INT32)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
-    max_in_flight: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1, le=INT32)
     route: str | None = Field(default=None, max_length=200)
     allowed_backends: list[str] | None = None
 
@@ -53,18 +54,18 @@ class KeyLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1, le=INT32)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
-    max_in_flight: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1, le=INT32)
 
 
 class TenantUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["active", "disabled"] | None = None
-    rpm: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1, le=INT32)
     monthly_budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=14, decimal_places=6)
-    max_in_flight: int | None = Field(default=None, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1, le=INT32)
     route: str | None = Field(default=None, max_length=200)
     allowed_backends: list[str] | None = None
 
@@ -216,5 +217,11 @@ async def all_usage_events(
     limit: Limit = 1000,
 ) -> dict[str, Any]:
     """Everyone's usage events (oldest first) and their totals."""
-    events = await repo.list_usage(session, tenant_id=tenant_id, since=as_utc(since), until=as_utc(until), limit=limit)
+    events = await repo.list_usage(
+        session,
+        tenant_id=tenant_id,
+        since=as_utc(since, param="since"),
+        until=as_utc(until, param="until"),
+        limit=limit,
+    )
     return usage_list(events)

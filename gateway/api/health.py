@@ -14,6 +14,7 @@ from gateway.api.deps import StateDep
 from gateway.auth import bearer_token
 from gateway.errors import AuthenticationFailed
 from gateway.state import AppState
+from gateway.storage.files import StorageUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -52,6 +53,18 @@ async def database_check(state: AppState) -> str:
     return "ok"
 
 
+async def storage_check(state: AppState) -> str:
+    """``ok``, or ``error: <reason>`` when the image store cannot take writes (no bucket, no answer, no permission)."""
+    try:
+        async with asyncio.timeout(5):
+            await state.files.check()
+    except TimeoutError:
+        return "error: no answer within 5 s"
+    except StorageUnavailable as exc:
+        return f"error: {exc.reason}"
+    return "ok"
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """200 as soon as the process serves requests."""
@@ -60,13 +73,16 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 when the database answers and at least one backend can take a job; 503 otherwise.
+    """200 when the database and the image store answer and at least one backend can take a job; 503 otherwise.
 
     Redis is shown but does not decide: without it the gateway keeps serving, with per-process rate limits.
     """
-    database, backends, redis = await asyncio.gather(database_check(state), backend_checks(state), redis_check(state))
-    checks: dict[str, Any] = {"database": database, "backends": backends, "redis": redis}
-    ok = database == "ok" and READY in backends.values()
+    database, backends, redis, storage = await asyncio.gather(
+        database_check(state), backend_checks(state), redis_check(state), storage_check(state)
+    )
+    checks: dict[str, Any] = {"database": database, "backends": backends, "redis": redis, "storage": storage}
+    # A gateway that cannot store what it makes is not ready: every job would fail after the backend did the work.
+    ok = database == "ok" and storage == "ok" and READY in backends.values()
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 

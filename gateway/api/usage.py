@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -14,7 +14,7 @@ from gateway.api.deps import PrincipalDep, SessionDep
 from gateway.api.serialize import usage_row
 from gateway.storage import repo
 from gateway.storage.models import UsageEvent
-from gateway.usage import UsageReport, report_csv, report_json, resolve_period, usage_report
+from gateway.usage import UsageReport, report_csv, report_json, resolve_period, to_utc, usage_report
 
 router = APIRouter(tags=["usage"])
 
@@ -27,11 +27,9 @@ AcceptHeader = Annotated[str | None, Header(alias="accept")]
 REPORT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/csv": {}}}}
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """Naive datetimes from clients are taken as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+def as_utc(value: datetime | None, *, param: str) -> datetime | None:
+    """A client's time in UTC (naive is UTC already); one that falls outside the calendar is a 400."""
+    return None if value is None else to_utc(value, param=param)
 
 
 def usage_list(events: Sequence[UsageEvent]) -> dict[str, Any]:
@@ -88,6 +86,10 @@ async def my_usage_events(
 ) -> dict[str, Any]:
     """The caller's usage events (oldest first) and their totals."""
     events = await repo.list_usage(
-        session, tenant_id=principal.tenant.id, since=as_utc(since), until=as_utc(until), limit=limit
+        session,
+        tenant_id=principal.tenant.id,
+        since=as_utc(since, param="since"),
+        until=as_utc(until, param="until"),
+        limit=limit,
     )
     return usage_list(events)

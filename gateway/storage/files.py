@@ -6,8 +6,12 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import os
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +19,10 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlencode
 
 import obstore
+from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
+
+from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from obstore.store import S3Config
@@ -23,6 +30,17 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# One S3 request, upload or download, ends by then: an image is a few MB, so only a store that is not answering
+# takes this long.
+REQUEST_TIMEOUT = timedelta(seconds=10)
+# Under this much time since its first try, a failed request is retried (a 503, a reset or refused connection come
+# back fast); past it, it is not. So a request that timed out is never retried, and the longest any one operation
+# takes is a retry begun just inside this window that then times out: about 15 s.
+RETRY_WINDOW = timedelta(seconds=5)
+# Listed by S3FileStore.check; tenant ids start with "ten_", so nothing is ever written under it.
+PROBE_PREFIX = "readyz-probe"
+
+log = logging.getLogger("hidream_gateway.storage")
 
 
 @dataclass(frozen=True)
@@ -36,11 +54,28 @@ class FileMissing(LookupError):
     """The store holds nothing at this path (deleted, or written to another replica's local directory)."""
 
 
+class StorageUnavailable(GatewayError):
+    """The store cannot be used now (no bucket, refused credentials, no answer): a 503, never a 404 or a 500."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self, reason: str) -> None:
+        # Clients are told only that storage is down; ``reason`` (logs, /readyz) says what an operator must fix.
+        super().__init__("Image storage is unavailable; try again later.")
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.reason})"
+
+
 class FileStore(Protocol):
     """Where generated images are written, read back and removed; keys are store-relative paths.
 
     Every replica of a deployment must see the same files: a directory on one machine serves one process (or
-    several sharing a disk), a bucket serves any number. Example::
+    several sharing a disk), a bucket serves any number. A store that cannot be used at all (no bucket, no answer)
+    raises StorageUnavailable from any method. Example::
 
         saved = await store.save(tenant_id="ten_1", file_id="file_1", content_type="image/png", data=png)
         assert await store.read(saved.path) == png
@@ -58,6 +93,10 @@ class FileStore(Protocol):
 
     async def delete(self, path: str) -> None:
         """Remove ``path``; nothing to remove is fine."""
+        ...
+
+    async def check(self) -> None:
+        """Cheaply confirm the store can take writes now; StorageUnavailable with the reason if not."""
         ...
 
     async def aclose(self) -> None:
@@ -112,6 +151,19 @@ class LocalFileStore:
         """Remove the file if it exists (used to undo writes whose transaction failed)."""
         await asyncio.to_thread(self._resolve(path).unlink, missing_ok=True)
 
+    def _check(self) -> None:
+        try:
+            # Saves create it anyway, so a fresh data dir is ready before its first image.
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create {self.root}: {exc.strerror or type(exc).__name__}") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"{self.root} is not writable")
+
+    async def check(self) -> None:
+        """The directory exists (it is created if need be) and this process may write in it."""
+        await asyncio.to_thread(self._check)
+
     async def aclose(self) -> None:
         """Nothing to release: every call opens and closes its own file."""
 
@@ -132,24 +184,64 @@ class S3FileStore:
     async def save(self, *, tenant_id: str, file_id: str, content_type: str, data: bytes) -> SavedFile:
         """Upload ``data`` in one PUT (S3 makes an object visible only once it is complete)."""
         path = _key(tenant_id, file_id, content_type)
-        await obstore.put_async(self._store, self._object(path), data, attributes={"Content-Type": content_type})
+        with _translated("save"):
+            await obstore.put_async(self._store, self._object(path), data, attributes={"Content-Type": content_type})
         # Hashing a large image would hold the event loop.
         return await asyncio.to_thread(_saved, path, data)
 
     async def read(self, path: str) -> bytes:
-        """The object's bytes; FileMissing if the bucket has no such key."""
-        try:
+        """The object's bytes; FileMissing if the bucket has no such key, StorageUnavailable if there is no bucket."""
+        with _translated("read", missing=path):
             result = await obstore.get_async(self._store, self._object(path))
             return bytes(await result.bytes_async())
-        except FileNotFoundError:  # obstore raises the built-in for a missing key (or bucket)
-            raise FileMissing(path) from None
 
     async def delete(self, path: str) -> None:
         """Remove the object; S3 answers a delete of a missing key with success."""
-        await obstore.delete_async(self._store, self._object(path))
+        with _translated("delete"):
+            await obstore.delete_async(self._store, self._object(path))
+
+    async def check(self) -> None:
+        """List a prefix nothing is stored under: one small request that fails as a save would (bucket, keys, network).
+
+        It needs s3:ListBucket, which S3 also wants before it answers a read of a missing key with 404, not 403.
+        """
+        with _translated("check"):
+            await obstore.list(self._store, self._object(PROBE_PREFIX), chunk_size=1).collect_async()
 
     async def aclose(self) -> None:
         """Nothing to release: the client's connection pool goes with the store object."""
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, in a few words and without the request's URL: for /readyz and the logs."""
+    text = str(exc)
+    code = re.search(r"<Code>(\w+)</Code>", text)  # the S3 error code, when the store answered with one
+    if code is not None:
+        return "the bucket does not exist (NoSuchBucket)" if code[1] == "NoSuchBucket" else f"S3 error {code[1]}"
+    if "kind: Timeout" in text:
+        return f"no answer within {REQUEST_TIMEOUT.seconds} s"
+    if "kind: Connect" in text:
+        return "cannot connect to the endpoint"
+    status = re.search(r"status: (\d{3})", text)
+    return f"HTTP {status[1]}" if status is not None else type(exc).__name__
+
+
+@contextmanager
+def _translated(operation: str, *, missing: str | None = None) -> Iterator[None]:
+    """obstore's errors as the store's: FileMissing for the key ``missing``, StorageUnavailable for the rest."""
+    try:
+        yield
+    except (FileNotFoundError, NotFoundError) as exc:
+        # A missing bucket is a 404 too: told apart by its code, it must not read as deleted files.
+        if missing is not None and "NoSuchBucket" not in str(exc):
+            raise FileMissing(missing) from None
+        reason = _reason(exc)
+        log.warning("image store %s failed: %s", operation, reason)
+        raise StorageUnavailable(reason) from exc
+    except (BaseError, OSError) as exc:
+        reason = _reason(exc)
+        log.warning("image store %s failed: %s", operation, reason)
+        raise StorageUnavailable(reason) from exc
 
 
 def s3_store(settings: Settings) -> S3Store:
@@ -175,10 +267,12 @@ def s3_store(settings: Settings) -> S3Store:
             # Plain HTTP only when the endpoint itself says so (a server on the same host or network).
             "allow_http": (settings.s3_endpoint_url or "").startswith("http://"),
             "connect_timeout": timedelta(seconds=5),
-            "timeout": timedelta(seconds=60),
+            # The only bound on one request (retry_timeout only stops further tries): a store that accepts
+            # connections and never answers fails the request, and the client waiting on it, after this long.
+            "timeout": REQUEST_TIMEOUT,
         },
-        # A request reading an image waits on this: a store that is down fails it in seconds, not obstore's 3 min.
-        retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=20)},
+        # A request reading an image waits on this: a store that does not answer fails it in 10 s (see RETRY_WINDOW).
+        retry_config={"max_retries": 3, "retry_timeout": RETRY_WINDOW},
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Table, func, update
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,21 +33,36 @@ def _insert(session: AsyncSession) -> Any:
 
 
 async def _reserve_month(
-    session: AsyncSession, table: Table, owner: dict[str, str], *, month: str, amount: Decimal, budget: Decimal | None
+    session: AsyncSession, table: Table, owners: Table, owner: str, owner_id: str, *, month: str, amount: Decimal
 ) -> bool:
-    """Add ``amount`` to the month's reservations unless spent + reserved + amount would pass ``budget``."""
-    if budget is not None and amount > budget:
-        return False  # a new row starts at zero, so this is the whole check for it
-    c = table.c
-    stmt = _insert(session)(table).values(**owner, month=month, spent_usd=0, reserved_usd=amount)
-    # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
-    guard = None if budget is None else (func.round(c.spent_usd + c.reserved_usd + amount, 6) <= budget)
-    # One statement: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
-    # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[*owner, "month"], set_={"reserved_usd": func.round(c.reserved_usd + amount, 6)}, where=guard
+    """Add ``amount`` to the month's reservations unless the owner's budget would be passed.
+
+    The budget counts this month's spend and reservations, plus holds still open from earlier months: a job held
+    in one month and ended in the next is charged to the month it ends in, so its hold must count there too.
+    """
+    await session.execute(
+        _insert(session)(table).values({owner: owner_id, "month": month, "spent_usd": 0, "reserved_usd": 0})
+        .on_conflict_do_nothing()
+    )  # fmt: skip
+    c, older = table.c, table.alias("older")
+    open_before = (
+        select(func.coalesce(func.sum(older.c.reserved_usd), 0))
+        .where(older.c[owner] == owner_id, older.c.month < month)
+        .scalar_subquery()
     )
-    result = await session.execute(stmt)
+    # Read from the row, not the (cached) caller: a budget changed on another replica holds at once.
+    budget = select(owners.c.monthly_budget_usd).where(owners.c.id == owner_id).scalar_subquery()
+    # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
+    total = func.round(c.spent_usd + c.reserved_usd + open_before + amount, 6)
+    # One guarded update: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
+    # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
+    # (The subqueries are read once per statement; the earlier months' holds only shrink, so a stale read of them
+    # refuses a little early, never late.)
+    result = await session.execute(
+        update(table)
+        .where(c[owner] == owner_id, c.month == month, or_(budget.is_(None), total <= budget))
+        .values(reserved_usd=func.round(c.reserved_usd + amount, 6))
+    )
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
@@ -67,16 +82,12 @@ async def hold(session: AsyncSession, *, tenant: Tenant, key: ApiKey, month: str
     Raises BudgetExceeded (402) or ConcurrencyLimited (429); the caller's transaction must then roll back, which
     undoes whatever part of the hold was taken.
     """
-    if not await _reserve_month(
-        session, TENANT_SPEND, {"tenant_id": tenant.id}, month=month, amount=amount, budget=tenant.monthly_budget_usd
-    ):
+    if not await _reserve_month(session, TENANT_SPEND, TENANTS, "tenant_id", tenant.id, month=month, amount=amount):
         raise BudgetExceeded(
             f"This request would cost up to ${amount}, more than is left of the tenant's monthly budget of "
             f"${tenant.monthly_budget_usd} ({month}, counting jobs still running)."
         )
-    if not await _reserve_month(
-        session, KEY_SPEND, {"api_key_id": key.id}, month=month, amount=amount, budget=key.monthly_budget_usd
-    ):
+    if not await _reserve_month(session, KEY_SPEND, API_KEYS, "api_key_id", key.id, month=month, amount=amount):
         raise BudgetExceeded(
             f"This request would cost up to ${amount}, more than is left of this API key's monthly budget of "
             f"${key.monthly_budget_usd} ({month}, counting jobs still running)."

@@ -49,6 +49,14 @@ def upgrade() -> None:
         f"INSERT INTO key_spend (api_key_id, month, spent_usd, reserved_usd) SELECT api_key_id, {month}, "  # noqa: S608
         f"SUM(price_usd), 0 FROM usage_events WHERE status = 'succeeded' AND price_usd > 0 GROUP BY api_key_id, {month}"
     )
+    # Months billed before revision 0002 kept their totals only in usage events: give them their rows, so every
+    # month's spend is on the ledger (and `usage reconcile` has nothing to report about them).
+    op.execute(
+        f"INSERT INTO tenant_spend (tenant_id, month, spent_usd, reserved_usd) SELECT u.tenant_id, {month}, "  # noqa: S608
+        f"SUM(u.price_usd), 0 FROM usage_events u WHERE u.status = 'succeeded' AND u.price_usd > 0 AND NOT EXISTS "
+        f"(SELECT 1 FROM tenant_spend s WHERE s.tenant_id = u.tenant_id AND s.month = {month}) "
+        f"GROUP BY u.tenant_id, {month}"
+    )
     op.create_table(
         "gateway_secrets",
         sa.Column("name", sa.String(length=64), nullable=False),
