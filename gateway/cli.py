@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.api.serialize import USAGE_FIELDS, key_body, tenant_body, usage_row
@@ -160,7 +161,13 @@ def cmd_usage_reconcile(settings: Settings, args: argparse.Namespace) -> None:
     from gateway.reconcile import reconcile, repair  # imported on use: no other command needs it
 
     if args.repair:
-        for line in _run_db(settings, repair):
+        try:
+            changes = _run_db(settings, repair)
+        except DBAPIError as exc:
+            raise CliError(
+                f"the repair could not lock the ledger (is a long transaction holding it?): {exc.orig}"
+            ) from None
+        for line in changes:
             print(f"repaired {line}")
     report = _run_db(settings, reconcile)
     for line in report.mismatches:

@@ -191,9 +191,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        state = getattr(request.app.state, "hdg", None)  # absent only if the lifespan failed to start
-        if state is not None:
-            state.metrics.refused(exc.code)  # limits' refusals (budget, rate, concurrency) are counted
+        # Absent if the lifespan failed to start, or in an app built from some of the routers: answer all the same.
+        metrics = getattr(getattr(request.app.state, "hdg", None), "metrics", None)
+        if metrics is not None:
+            metrics.refused(exc.code)  # limits' refusals (budget, rate, concurrency) are counted
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)

@@ -189,24 +189,35 @@ class RateLimits:
             )
         return decision
 
+    def _resting(self) -> bool:
+        """Redis failed a moment ago: count here until it is time to try it again."""
+        return self._down_since is not None and time.monotonic() - self._down_since < self.retry_seconds
+
     async def _hit(self, limits: dict[str, int]) -> Decision:
-        if self._redis is None or (
-            self._down_since is not None and time.monotonic() - self._down_since < self.retry_seconds
-        ):
+        if self._redis is None or self._resting():
+            return self.local.hit(limits)
+        # At most ``max_connections`` calls at once: past the client pool's size redis-py raises an error that looks
+        # like an outage, and a burst would switch this process to per-process counting. A call that can't get a
+        # place within a second counts here (Redis is not marked down for it).
+        try:
+            async with asyncio.timeout(1.0):
+                await self._slots.acquire()
+        except TimeoutError:
             return self.local.hit(limits)
         try:
-            # At most ``max_connections`` calls at once: past the client pool's size redis-py raises an error that
-            # looks like an outage, and a burst would switch this process to per-process counting.
-            async with self._slots:
-                reply = await self._script(
-                    keys=[self.prefix + scope for scope in limits],
-                    args=[int(self.window * 1000), secrets.token_hex(8), *limits.values()],
-                )
+            if self._resting():  # it failed while this call waited for its place
+                return self.local.hit(limits)
+            reply = await self._script(
+                keys=[self.prefix + scope for scope in limits],
+                args=[int(self.window * 1000), secrets.token_hex(8), *limits.values()],
+            )
         except (RedisError, OSError, TimeoutError) as exc:
             if self._down_since is None:
                 log.warning("Redis is unreachable (%s): rate limits are per process until it is back", exc)
             self._down_since = time.monotonic()
             return self.local.hit(limits)
+        finally:
+            self._slots.release()
         if self._down_since is not None:
             log.warning("Redis is back: rate limits are shared again")
             self._down_since = None

@@ -153,8 +153,14 @@ async def repair(session: AsyncSession) -> list[str]:
     """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
+        # Waiting long for a lock would hold every paid request behind it: give up instead, and say so.
+        await session.execute(text("SET LOCAL lock_timeout = '5s'"))
         for table in (TenantSpend, KeySpend, Tenant, ApiKey):
             await session.execute(text(f"LOCK TABLE {table.__tablename__} IN SHARE ROW EXCLUSIVE MODE"))
+    else:
+        # SQLite begins a transaction at the first write: write (nothing) first, so no other process can commit
+        # between the counting below and the writes it leads to.
+        await session.execute(update(Tenant).where(Tenant.id.is_(None)).values(in_flight=Tenant.in_flight))
     changes: list[str] = []
     for balance in await _balances(session, dialect):
         for k in sorted(set(balance.recorded) | set(balance.expected), key=str):

@@ -93,6 +93,9 @@ def test_holds_still_open_from_an_earlier_month_count_against_this_one(database_
             with pytest.raises(BudgetExceeded):
                 await _job(sessions, tenant, key, "0.50", month=this_month)
             await _job(sessions, tenant, key, "0.40", month=this_month)  # exactly the rest
+            # A replica whose clock is behind holds into last month: this month's holds count there too.
+            with pytest.raises(BudgetExceeded):
+                await _job(sessions, tenant, key, "0.01", month="2019-12")
 
     asyncio.run(main())
 

@@ -17,6 +17,7 @@ from gateway.storage.models import ApiKey, Tenant
 from tests.conftest import Gateway, GatewayFactory, fal_only
 from tests.fakes.fal import FakeFal
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.s3 import SilentServer
 
 REDIS = "redis://127.0.0.1:6379/0"
 CREATE = "/v1/models/hidream-ai/hidream-i1-fast/predictions"
@@ -71,6 +72,24 @@ def test_a_burst_in_one_process_is_counted_in_redis_not_dropped_to_the_fallback(
             assert sum(outcomes) == 50 and limits.mode == "redis"  # more calls than connections wait their turn
         finally:
             await limits.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_redis_that_hangs_costs_one_timeout_not_a_queue_of_them() -> None:
+    async def main() -> None:
+        with SilentServer() as silent:  # accepts connections, never answers
+            limits = RateLimits(f"redis://127.0.0.1:{silent.port}/0", max_connections=5)
+            try:
+                began = time.monotonic()
+                allowed = await asyncio.gather(
+                    *(_count_allowed(limits, principal(tenant_rpm=10), 1) for _ in range(200))
+                )
+                # The first five time out (0.25 s); the 195 waiting behind them count here at once.
+                assert time.monotonic() - began < 1.5 and sum(allowed) == 200
+                assert limits.mode == "local-fallback" and silent.accepted <= 5
+            finally:
+                await limits.aclose()
 
     asyncio.run(main())
 

@@ -7,7 +7,8 @@ sees the same balances, and a crash between the two transactions leaves the hold
 settles it.
 
 Lock order, the same in every transaction that touches these rows, so two of them never wait on each other:
-tenant_spend, key_spend, tenants, api_keys.
+tenant_spend, key_spend, tenants, api_keys (a hold first takes its owner's advisory lock before each ledger row:
+the tenant's, then the key's; nothing else takes those).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.errors import BudgetExceeded, ConcurrencyLimited
 from gateway.storage.models import ApiKey, KeySpend, Tenant, TenantSpend
 
+# Advisory-lock key spaces of the per-owner hold lock (tenants and keys apart, so their ids never collide).
+_LOCK_SPACES = {"tenant_id": 0x68640001, "api_key_id": 0x68640002}
 TENANT_SPEND = cast(Table, TenantSpend.__table__)
 KEY_SPEND = cast(Table, KeySpend.__table__)
 TENANTS = cast(Table, Tenant.__table__)
@@ -37,27 +40,32 @@ async def _reserve_month(
 ) -> bool:
     """Add ``amount`` to the month's reservations unless the owner's budget would be passed.
 
-    The budget counts this month's spend and reservations, plus holds still open from earlier months: a job held
-    in one month and ended in the next is charged to the month it ends in, so its hold must count there too.
+    The budget counts this month's spend and reservations, plus the holds still open in any other month: a job
+    held in one month and ended in the next is charged to the month it ends in, so its hold must count there too
+    (and a replica whose clock is a little behind may still be holding into the month before).
     """
+    if session.get_bind().dialect.name == "postgresql":
+        # One hold at a time per owner, whatever the month: the guard's reads of the other months then see every
+        # committed hold (two holds on different month rows would not wait on each other's row lock).
+        await session.execute(select(func.pg_advisory_xact_lock(_LOCK_SPACES[owner], func.hashtext(owner_id))))
     await session.execute(
         _insert(session)(table).values({owner: owner_id, "month": month, "spent_usd": 0, "reserved_usd": 0})
         .on_conflict_do_nothing()
     )  # fmt: skip
-    c, older = table.c, table.alias("older")
-    open_before = (
-        select(func.coalesce(func.sum(older.c.reserved_usd), 0))
-        .where(older.c[owner] == owner_id, older.c.month < month)
+    c, other = table.c, table.alias("other")
+    open_elsewhere = (
+        select(func.coalesce(func.sum(other.c.reserved_usd), 0))
+        .where(other.c[owner] == owner_id, other.c.month != month)
         .scalar_subquery()
     )
     # Read from the row, not the (cached) caller: a budget changed on another replica holds at once.
     budget = select(owners.c.monthly_budget_usd).where(owners.c.id == owner_id).scalar_subquery()
     # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
-    total = func.round(c.spent_usd + c.reserved_usd + open_before + amount, 6)
+    total = func.round(c.spent_usd + c.reserved_usd + open_elsewhere + amount, 6)
     # One guarded update: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
     # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
-    # (The subqueries are read once per statement; the earlier months' holds only shrink, so a stale read of them
-    # refuses a little early, never late.)
+    # (The subqueries are read once, before that wait: other months' holds can only have shrunk meanwhile, since
+    # holds are taken one at a time, so a stale read refuses a little early, never late.)
     result = await session.execute(
         update(table)
         .where(c[owner] == owner_id, c.month == month, or_(budget.is_(None), total <= budget))
