@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydantic import ValidationError
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from gateway.app import url_signing_key
 from gateway.settings import Settings
-from gateway.storage.db import open_database, session_factory
+from gateway.storage.db import open_database, session_factory, upgrade
 from gateway.storage.files import LocalFileStore
 from gateway.storage.models import Base
 
@@ -106,3 +108,27 @@ def test_file_store_refuses_paths_outside_its_root(tmp_path: Path) -> None:
     assert asyncio.run(store.read(saved.path)) == b"\x89PNG"
     with pytest.raises(ValueError, match="escapes"):
         asyncio.run(store.read("../../etc/passwd"))
+
+
+def test_migration_0005_keeps_every_tenant_and_makes_names_unique_regardless_of_case(database_url: str) -> None:
+    async def main() -> None:
+        async with open_database(database_url, migrate=False) as engine:
+            await upgrade(engine, "0004")
+            async with engine.begin() as conn:
+                for i, name in enumerate(("Acme", "acme", "ACME", "Globex")):
+                    await conn.execute(
+                        text("INSERT INTO tenants (id, name, status, created_at) VALUES (:id, :name, 'active', :at)"),
+                        {"id": f"ten_{i}", "name": name, "at": datetime(2026, 1, 1 + i, tzinfo=UTC)},
+                    )
+            await upgrade(engine, "head")
+            async with engine.begin() as conn:
+                names = dict((await conn.execute(text("SELECT id, name FROM tenants"))).all())
+            assert names == {"ten_0": "Acme", "ten_1": "acme (ten_1)", "ten_2": "ACME (ten_2)", "ten_3": "Globex"}
+            with pytest.raises(IntegrityError):
+                async with engine.begin() as conn:
+                    await conn.execute(
+                        text("INSERT INTO tenants (id, name, status, created_at) VALUES (:id, :name, 'active', :at)"),
+                        {"id": "ten_9", "name": "GLOBEX", "at": datetime(2026, 2, 1, tzinfo=UTC)},
+                    )
+
+    asyncio.run(main())

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -90,6 +91,10 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# Tenant names are unique regardless of case (the CLI and the admin API refuse a second "Acme").
+Index("uq_tenants_name_lower", func.lower(Tenant.name), unique=True)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -155,6 +160,8 @@ class Prediction(Base):
     # budgets of this month, and one in-flight slot of its tenant and key. None: no limit applied, nothing held.
     reserved_usd: Mapped[Decimal | None] = mapped_column(Money)
     reserved_month: Mapped[str | None] = mapped_column(String(7))
+    # Every attempt on a backend, as reported to clients: [{"backend", "outcome", "status", "message"}, ...].
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class StoredFile(Base):
