@@ -51,9 +51,9 @@ async def run(url: str, jobs: int, concurrency: int) -> None:
         async def callers(count: int, budget: str | None) -> list[Caller]:
             made = []
             async with sessions.begin() as session:
-                for i in range(count):
-                    t, k, _ = await create_tenant_with_key(
-                        session, name=f"t{i}", monthly_budget_usd=Decimal(budget) if budget else None
+                for _ in range(count):
+                    t, k, _key = await create_tenant_with_key(
+                        session, name=new_id("bench"), monthly_budget_usd=Decimal(budget) if budget else None
                     )
                     made.append(Caller(t, k))
             return made

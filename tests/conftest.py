@@ -85,13 +85,20 @@ class Gateway:
     settings: Settings
     backend: LocalBackend
     client: httpx.Client
+    tenants_made: int = 0
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         return self.client.request(method, path, headers=headers, **kwargs)
 
-    def create_tenant(self, name: str = "acme", **fields: Any) -> dict[str, Any]:
-        """Create a tenant through the admin API; returns its JSON (with ``api_key``)."""
+    def create_tenant(self, name: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Create a tenant through the admin API; returns its JSON (with ``api_key``).
+
+        Names are unique per gateway: without one, each call gets its own (``acme``, ``acme-2``, ...).
+        """
+        if name is None:
+            self.tenants_made += 1
+            name = "acme" if self.tenants_made == 1 else f"acme-{self.tenants_made}"
         resp = self.admin("POST", "/admin/tenants", json={"name": name, **fields})
         assert resp.status_code == 201, resp.text
         body: dict[str, Any] = resp.json()

@@ -15,7 +15,7 @@ from gateway.storage.models import Prediction, new_id, utcnow
 async def insert_held_job(sessions: async_sessionmaker[AsyncSession], job: ImageJob, *, n: int = 1) -> Prediction:
     """Make a tenant and key, and commit ``job`` (``n`` images) leased to ``run_me`` as if it had just been claimed."""
     async with sessions.begin() as session:
-        tenant = await repo.create_tenant(session, name="acme")
+        tenant = await repo.create_tenant(session, name=f"acme-{new_id('t')}")  # names are unique
         key = await repo.add_key(session, tenant_id=tenant.id, key_hash="0" * 64, display_prefix="hdg_test")
         now = utcnow()
         p = Prediction(
