@@ -17,13 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from gateway.api import admin, files, health, images, predictions, usage, webhooks
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
+from gateway.backends.config import Misconfigured, misconfigured, variants_of
 from gateway.backends.fal import FalBackend
 from gateway.backends.local import LocalBackend
 from gateway.backends.replicate import ReplicateBackend
 from gateway.backends.worker import WorkerBackend
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
-from gateway.health import HealthBoard
+from gateway.health import HealthBoard, probe_forever
 from gateway.jobs import JobRunner
 from gateway.limits import RateLimits
 from gateway.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware
@@ -44,11 +45,18 @@ def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-def build_backends(settings: Settings, client: httpx.AsyncClient) -> list[Backend]:
-    """The backends named in HDG_BACKENDS, in that order; remote ones share ``client``."""
+def build_backends(
+    settings: Settings, client: httpx.AsyncClient, *, skip: dict[str, str] | None = None
+) -> list[Backend]:
+    """The backends named in HDG_BACKENDS, in that order; remote ones share ``client``.
+
+    A kind in ``skip`` (an optional backend's problem, from ``misconfigured``) stands in as ``Misconfigured``.
+    """
     built: list[Backend] = []
     for kind in settings.backends:
-        if kind == "local":
+        if kind in (skip or {}):
+            built.append(Misconfigured(kind, problem=(skip or {})[kind], variants=variants_of(kind, settings)))
+        elif kind == "local":
             loader = model_loader(
                 settings.local_model,
                 cache_dir=settings.models_dir,
@@ -129,7 +137,11 @@ def max_in_flight(backend: Backend, settings: Settings) -> int:
 
 
 def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None) -> FastAPI:
-    """The gateway app. Pass ``backends`` to use ones built elsewhere (they are then not closed here)."""
+    """The gateway app. Pass ``backends`` to use ones built elsewhere (they are then not closed here).
+
+    Raises ConfigurationError, before anything starts, when an enabled backend's settings cannot work.
+    """
+    problems = misconfigured(settings) if backends is None else {}
     # One per app, not per module: tests build many apps in one process. Under ``serve --workers N`` the CLI has
     # set PROMETHEUS_MULTIPROC_DIR, and every worker's values go to files there (gateway/metrics.py).
     metrics = Metrics(
@@ -146,10 +158,15 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         owned = backends is None
         # One pooled HTTP client for every remote backend; timeouts are set per call.
         client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=256))
-        active = build_backends(settings, client) if backends is None else list(backends)
-        health = HealthBoard(failure_threshold=settings.breaker_failures, open_seconds=settings.breaker_open_seconds)
+        active = build_backends(settings, client, skip=problems) if backends is None else list(backends)
+        health = HealthBoard(
+            failure_threshold=settings.breaker_failures,
+            open_seconds=settings.breaker_open_seconds,
+            probe_seconds=settings.health_interval_seconds,
+        )
         for backend in active:
-            health.register(backend.name, max_in_flight=max_in_flight(backend, settings))
+            problem = backend.problem if isinstance(backend, Misconfigured) else None
+            health.register(backend.name, max_in_flight=max_in_flight(backend, settings), problem=problem)
         sessions = session_factory(engine)
         file_store = build_file_store(settings)
         signer = UrlSigner(await url_signing_key(settings, sessions), ttl_seconds=settings.url_ttl_seconds)
@@ -193,12 +210,15 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         )
         await jobs.start()
         delivering = asyncio.create_task(sender.run_forever(jobs.webhook_wake), name="webhook deliveries")
+        # Health probes move breakers too: a backend that is back is half-open (tried) within one interval.
+        probing = asyncio.create_task(probe_forever(health, active), name="health probes")
         try:
             yield
         finally:
             await jobs.stop()
             delivering.cancel()
-            await asyncio.gather(delivering, return_exceptions=True)
+            probing.cancel()
+            await asyncio.gather(delivering, probing, return_exceptions=True)
             if owned:
                 for backend in active:
                     await backend.aclose()

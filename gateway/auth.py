@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.errors import AuthenticationFailed, PermissionDenied, TenantExists
 from gateway.storage import repo
 from gateway.storage.models import ApiKey, Tenant
 
@@ -129,7 +130,21 @@ async def issue_key(session: AsyncSession, *, tenant_id: str) -> tuple[ApiKey, s
 async def create_tenant_with_key(
     session: AsyncSession, *, name: str, rpm: int | None = None, monthly_budget_usd: Decimal | None = None
 ) -> tuple[Tenant, ApiKey, str]:
-    """Create a tenant and its first key, in the caller's transaction."""
-    tenant = await repo.create_tenant(session, name=name, rpm=rpm, monthly_budget_usd=monthly_budget_usd)
+    """Create a tenant and its first key, in the caller's transaction; TenantExists if the name is taken (any case)."""
+    existing = await repo.find_tenant_by_name(session, name=name)
+    if existing is not None:
+        raise TenantExists(
+            f"A tenant named '{existing.name}' already exists (id {existing.id}); names are unique regardless of case.",
+            param="name",
+        )
+    try:
+        tenant = await repo.create_tenant(session, name=name, rpm=rpm, monthly_budget_usd=monthly_budget_usd)
+    except IntegrityError as exc:
+        # Another transaction created the name between the check and the insert: the unique index is the judge.
+        if "uq_tenants_name_lower" not in str(exc.orig):
+            raise
+        raise TenantExists(
+            f"A tenant named '{name}' already exists; names are unique regardless of case.", param="name"
+        ) from exc
     key, plaintext = await issue_key(session, tenant_id=tenant.id)
     return tenant, key, plaintext

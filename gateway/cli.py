@@ -1,281 +1,377 @@
-"""The ``hidream-gateway`` command: serve, demo, db, tenants, keys, usage."""
+"""The ``hidream-gateway`` command: serve, demo, worker, db, tenants, keys, usage."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import json
 import logging
 import shlex
 import sys
-from collections.abc import Awaitable, Callable
-from decimal import Decimal, InvalidOperation
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway import launch
 from gateway.api.serialize import USAGE_FIELDS, key_body, tenant_body, usage_row
 from gateway.auth import create_tenant_with_key, issue_key
-from gateway.errors import InvalidRequest
+from gateway.errors import ConfigurationError, GatewayError
 from gateway.settings import Settings
 from gateway.storage import repo
 from gateway.storage.db import open_database, session_factory
+from gateway.terminal import (
+    CliError,
+    positive_int,
+    print_json,
+    print_table,
+    quiet_stdout,
+    tenant_name,
+    timestamp,
+    usd_amount,
+)
 from gateway.usage import UsageReport, month_period, report_csv, report_json, usage_report
 
 T = TypeVar("T")
+PROG = "hidream-gateway"
 
 
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+class EventsFormat(StrEnum):
+    """How ``usage events`` prints: a table for people, JSON or CSV for programs."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class ExportFormat(StrEnum):
+    """How ``usage export`` writes the invoicing report."""
+
+    csv = "csv"
+    json = "json"
+
+
+Host = Annotated[str, typer.Option(metavar="HOST", help="Address to listen on (0.0.0.0: every interface).")]
+Port = Annotated[int, typer.Option(min=1, max=65535, metavar="PORT", help="TCP port to listen on.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TenantFilter = Annotated[
+    str | None, typer.Option("--tenant", metavar="TENANT_ID", help="Only this tenant.", show_default="every tenant")
+]
+
+
+# --- shared steps --------------------------------------------------------------------------------------------
+
+
+def _settings() -> Settings:
+    """The settings from the environment; invalid ones stop the command with every validation error."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise CliError(f"invalid settings:\n{exc}") from None
 
 
 def _run_db(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Migrate, then run ``work`` in one transaction."""
+    """Migrate, then run ``work`` in one transaction; a domain error becomes a one-line message."""
 
     async def main() -> T:
         async with open_database(settings.resolved_database_url) as engine, session_factory(engine).begin() as session:
             return await work(session)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(main())
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=None))
-
-
-def _budget(value: str) -> Decimal:
     try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if amount < 0 or not amount.is_finite():
-        raise argparse.ArgumentTypeError("must be a non-negative amount in USD")
-    return amount
+        return asyncio.run(main())
+    except GatewayError as exc:
+        raise CliError(exc.message) from None
 
 
-def _name(value: str) -> str:
-    if not value or "\x00" in value or len(value) > 200:
-        raise argparse.ArgumentTypeError("must be 1 to 200 characters, without NUL")
-    return value
+# --- the app -------------------------------------------------------------------------------------------------
+
+app = typer.Typer(
+    name=PROG,
+    help="Serve HiDream-I1 as a paid multi-tenant image API; manage its database, tenants, keys and usage.\n\n"
+    "Settings come from HDG_* environment variables (see the README).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants: who is billed, and their limits.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage events, the invoicing export and reconciliation.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(usage_app, name="usage")
 
 
-def _positive(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 2**31 - 1:  # limits are 32-bit columns
-        raise argparse.ArgumentTypeError("must be a positive integer below 2^31")
-    return int(value)
-
-
-def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> None:
-    async def main() -> None:
-        async with open_database(settings.resolved_database_url):
-            pass
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(main())
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the latest schema (the gateway also does this when it starts)."""
+    launch.migrate(_settings())
     print("database is at the latest schema revision")
 
 
-def cmd_tenants_create(settings: Settings, args: argparse.Namespace) -> None:
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[
+        str, typer.Argument(parser=tenant_name, metavar="NAME", help="Unique name, compared regardless of case.")
+    ],
+    rpm: Annotated[
+        int | None, typer.Option(parser=positive_int, metavar="N", help="Requests per minute.", show_default="no limit")
+    ] = None,
+    monthly_budget_usd: Annotated[
+        Decimal | None,
+        typer.Option(
+            parser=usd_amount, metavar="USD", help="Spend per UTC calendar month, in USD.", show_default="no limit"
+        ),
+    ] = None,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(parser=positive_int, metavar="N", help="Jobs queued or running at once.", show_default="no limit"),
+    ] = None,
+) -> None:
+    """Create a tenant and its first API key; prints {"tenant_id", "key_id", "api_key"} (the key, once)."""
+
     async def work(session: AsyncSession) -> dict[str, Any]:
         tenant, key, plaintext = await create_tenant_with_key(
-            session, name=args.name, rpm=args.rpm, monthly_budget_usd=args.monthly_budget_usd
+            session, name=name, rpm=rpm, monthly_budget_usd=monthly_budget_usd
         )
-        tenant.max_in_flight = args.max_in_flight
+        tenant.max_in_flight = max_in_flight
         return {"tenant_id": tenant.id, "key_id": key.id, "api_key": plaintext}
 
-    _print_json(_run_db(settings, work))
+    print_json(_run_db(_settings(), work))
 
 
-def cmd_tenants_list(settings: Settings, args: argparse.Namespace) -> None:
+@tenants_app.command("list")
+def tenants_list(as_json: AsJson = False) -> None:
+    """List tenants, oldest first."""
+
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         return [tenant_body(t) for t in await repo.list_tenants(session)]
 
-    _print_json(_run_db(settings, work))
+    tenants = _run_db(_settings(), work)
+    if as_json:
+        print_json(tenants)
+        return
+    columns = ("ID", "NAME", "STATUS", "RPM", "BUDGET USD/MONTH", "MAX IN FLIGHT", "CREATED (UTC)")
+    fields = ("id", "name", "status", "rpm", "monthly_budget_usd", "max_in_flight")
+    print_table(columns, [[t[f] for f in fields] + [timestamp(t["created_at"])] for t in tenants])
 
 
-def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> None:
+@keys_app.command("create")
+def keys_create(
+    tenant_id: Annotated[str, typer.Argument(metavar="TENANT_ID", help="The tenant's id (ten_...).")],
+) -> None:
+    """Issue another API key for a tenant; prints {"tenant_id", "key_id", "api_key"} (the key, once)."""
+
     async def work(session: AsyncSession) -> dict[str, Any]:
-        if await repo.get_tenant(session, tenant_id=args.tenant_id) is None:
-            raise CliError(f"no tenant with id {args.tenant_id!r}")
-        key, plaintext = await issue_key(session, tenant_id=args.tenant_id)
-        return {"tenant_id": args.tenant_id, "key_id": key.id, "api_key": plaintext}
+        if await repo.get_tenant(session, tenant_id=tenant_id) is None:
+            raise CliError(f"no tenant with id {tenant_id!r}")
+        key, plaintext = await issue_key(session, tenant_id=tenant_id)
+        return {"tenant_id": tenant_id, "key_id": key.id, "api_key": plaintext}
 
-    _print_json(_run_db(settings, work))
+    print_json(_run_db(_settings(), work))
 
 
-def cmd_keys_revoke(settings: Settings, args: argparse.Namespace) -> None:
+@keys_app.command("list")
+def keys_list(
+    tenant_id: Annotated[str, typer.Argument(metavar="TENANT_ID", help="The tenant's id (ten_...).")],
+    as_json: AsJson = False,
+) -> None:
+    """List a tenant's API keys, revoked ones included (only their prefixes: the keys themselves are not stored)."""
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        if await repo.get_tenant(session, tenant_id=tenant_id) is None:
+            raise CliError(f"no tenant with id {tenant_id!r}")
+        return [key_body(k) for k in await repo.list_keys(session, tenant_id=tenant_id)]
+
+    keys = _run_db(_settings(), work)
+    if as_json:
+        print_json(keys)
+        return
+    columns = ("ID", "PREFIX", "CREATED (UTC)", "REVOKED (UTC)", "RPM", "BUDGET USD/MONTH", "MAX IN FLIGHT")
+    rows = [
+        (
+            k["id"],
+            f"{k['display_prefix']}...",
+            timestamp(k["created_at"]),
+            timestamp(k["revoked_at"]),
+            k["rpm"],
+            k["monthly_budget_usd"],
+            k["max_in_flight"],
+        )
+        for k in keys
+    ]
+    print_table(columns, rows)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help="The key's id (key_...).")]) -> None:
+    """Revoke an API key (at once on this host; other replicas within HDG_AUTH_CACHE_SECONDS); prints the key."""
+
     async def work(session: AsyncSession) -> dict[str, Any]:
-        key = await repo.revoke_key(session, key_id=args.key_id)
+        key = await repo.revoke_key(session, key_id=key_id)
         if key is None:
-            raise CliError(f"no key with id {args.key_id!r}")
+            raise CliError(f"no key with id {key_id!r}")
         return key_body(key)
 
-    _print_json(_run_db(settings, work))
+    print_json(_run_db(_settings(), work))
 
 
-def cmd_usage_events(settings: Settings, args: argparse.Namespace) -> None:
+@usage_app.command("events")
+def usage_events(
+    tenant: TenantFilter = None,
+    fmt: Annotated[EventsFormat, typer.Option("--format", help="Output format.")] = EventsFormat.table,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the same as --format json.")] = False,
+) -> None:
+    """List usage events (one per finished generation), oldest first."""
+    if as_json and fmt is EventsFormat.csv:
+        raise CliError("--json and --format csv ask for different formats: give one")
+
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        events = await repo.list_usage(session, tenant_id=args.tenant, limit=1_000_000)
+        events = await repo.list_usage(session, tenant_id=tenant, limit=1_000_000)
         return [usage_row(e) for e in events]
 
-    rows = _run_db(settings, work)
-    if args.format == "csv":
+    rows = _run_db(_settings(), work)
+    if as_json or fmt is EventsFormat.json:
+        print_json(rows)
+    elif fmt is EventsFormat.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=list(USAGE_FIELDS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     else:
-        _print_json(rows)
+        columns = [
+            "CREATED (UTC)",
+            "TENANT",
+            "PREDICTION",
+            "MODEL",
+            "SIZE",
+            "IMAGES",
+            "BACKEND",
+            "PRICE USD",
+            "COST USD",
+            "MS",
+            "STATUS",
+        ]
+        table = [
+            (
+                timestamp(r["created_at"]),
+                r["tenant_id"],
+                r["prediction_id"],
+                r["model"],
+                f"{r['width']}x{r['height']}",
+                r["images"],
+                r["backend"],
+                r["price_usd"],
+                r["cost_usd"],
+                r["latency_ms"],
+                r["status"],
+            )
+            for r in rows
+        ]
+        print_table(columns, table)
 
 
-def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
+@usage_app.command("export")
+def usage_export(
+    period: Annotated[str, typer.Option(metavar="YYYY-MM", help="A UTC calendar month.")],
+    tenant: TenantFilter = None,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.csv,
+    output: Annotated[
+        Path | None, typer.Option(dir_okay=False, metavar="FILE", help="Write to this file.", show_default="stdout")
+    ] = None,
+) -> None:
     """The invoicing export: one month's billed usage per tenant, UTC day, model and backend."""
     try:
-        period = month_period(args.period)
-    except InvalidRequest as exc:
+        window = month_period(period)
+    except GatewayError as exc:
         raise CliError(exc.message) from None
 
     async def work(session: AsyncSession) -> UsageReport:
-        if args.tenant is not None and await repo.get_tenant(session, tenant_id=args.tenant) is None:
-            raise CliError(f"no tenant with id {args.tenant!r}")
-        return await usage_report(session, period=period, tenant_id=args.tenant, by_tenant=True)
+        if tenant is not None and await repo.get_tenant(session, tenant_id=tenant) is None:
+            raise CliError(f"no tenant with id {tenant!r}")
+        return await usage_report(session, period=window, tenant_id=tenant, by_tenant=True)
 
-    report = _run_db(settings, work)
-    text = report_csv(report) if args.format == "csv" else json.dumps(report_json(report)) + "\n"
-    if args.output is None:
+    report = _run_db(_settings(), work)
+    text = report_csv(report) if fmt is ExportFormat.csv else json.dumps(report_json(report)) + "\n"
+    if output is None:
         sys.stdout.write(text)
         return
     try:
-        args.output.write_text(text, encoding="utf-8")
+        output.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
-    print(f"wrote {len(report.lines)} rows for {args.period} to {args.output}", file=sys.stderr)
+        raise CliError(f"cannot write {output}: {exc.strerror}") from None
+    print(f"wrote {len(report.lines)} rows for {period} to {output}", file=sys.stderr)
 
 
-def cmd_usage_reconcile(settings: Settings, args: argparse.Namespace) -> None:
+@usage_app.command("reconcile")
+def usage_reconcile(
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="First set spend, reservations and in-flight counts to what their rows add up to "
+            "(safe while serving).",
+        ),
+    ] = False,
+) -> None:
     """Check that predictions, usage events and monthly spend agree; exit status 1 on any mismatch."""
-    from gateway.reconcile import reconcile, repair  # imported on use: no other command needs it
+    from gateway import reconcile as books  # imported on use: no other command needs it
 
-    if args.repair:
+    settings = _settings()
+    if repair:
         try:
-            changes = _run_db(settings, repair)
+            changes = _run_db(settings, books.repair)
         except DBAPIError as exc:
             raise CliError(
                 f"the repair could not lock the ledger (is a long transaction holding it?): {exc.orig}"
             ) from None
         for line in changes:
             print(f"repaired {line}")
-    report = _run_db(settings, reconcile)
+    report = _run_db(settings, books.reconcile)
     for line in report.mismatches:
         print(line)
     checked = ", ".join(f"{count} {what}" for what, count in report.checked.items())
     print(f"reconcile: {len(report.mismatches)} mismatch(es); checked {checked or 'nothing'}")
     if report.mismatches:
-        raise SystemExit(1)
+        raise typer.Exit(1)
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
-    import uvicorn
-
-    from gateway.app import create_app
-
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+# --- servers -------------------------------------------------------------------------------------------------
 
 
-# In the metrics directory of `serve --workers N`: locked while a gateway serves with that directory.
-SERVING_LOCK = ".serving.lock"
+@app.command()
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    workers: Annotated[
+        int, typer.Option(parser=positive_int, metavar="N", help="Processes; more than 1 only with remote backends.")
+    ] = 1,
+) -> None:
+    """Run the gateway (migrating the database first)."""
+    launch.serve(_settings(), host=host, port=port, workers=workers)
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
-    if args.workers == 1:
-        _serve(settings, args.host, args.port)
-        return
-    if "local" in settings.backends:
-        raise CliError("--workers > 1 would load the local model once per process: serve it with one worker")
-    import fcntl
-    import os
-
-    import uvicorn
-
-    from gateway.metrics import MULTIPROC_ENV
-
-    # Metrics: each worker writes its values to files in one directory and /metrics, in whichever worker answers,
-    # adds them all up. One per port, so two gateways sharing a data dir keep apart. A directory given in the
-    # environment is the operator's to manage.
-    given = os.environ.get(MULTIPROC_ENV)
-    directory = Path(given) if given else settings.data_dir.resolve() / "prometheus" / f"port-{args.port}"
-    directory.mkdir(parents=True, exist_ok=True)
-    # Held by this process (the one that spawns the workers) until it exits, and taken before anything is deleted:
-    # a second `serve` started by mistake must not empty the files the running workers write to (they would go on
-    # writing to deleted files and /metrics would stay blank until a restart). The kernel drops it on any exit.
-    with (directory / SERVING_LOCK).open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            where = (
-                f"{MULTIPROC_ENV}={directory}" if given else f"this data dir ({settings.data_dir}) on port {args.port}"
-            )
-            raise CliError(f"another gateway is serving with {where}") from None
-        if not given:
-            _empty_metrics_dir(directory)
-        # Set before the workers start: prometheus-client picks its storage when first imported.
-        os.environ[MULTIPROC_ENV] = str(directory)
-        cmd_db_upgrade(settings, args)  # once, before the processes start
-        # Each process builds its own app from the same environment (clients, pools, caches are per process).
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level="info",
-            proxy_headers=True,
-        )
+@app.command()
+def worker(host: Host = "127.0.0.1", port: Port = 9000) -> None:
+    """Serve the GPU worker protocol on this machine's HDG_LOCAL_MODEL (bearer token: HDG_WORKER_TOKEN)."""
+    launch.run_worker(_settings(), host=host, port=port)
 
 
-def _empty_metrics_dir(directory: Path) -> None:
-    """Delete a previous run's metric files (they would add its counts to this run's), keeping the lock file."""
-    import shutil
-
-    for entry in directory.iterdir():
-        if entry.name == SERVING_LOCK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
-    """Serve the self-hosted worker protocol on this machine's GPU (or CPU, on the tiny model)."""
-    import uvicorn
-
-    from inference.serving import GenerationQueue, model_loader
-    from inference.worker import create_worker_app
-
-    loader = model_loader(
-        settings.local_model,
-        cache_dir=settings.models_dir,
-        llama_path=settings.local_llama_path,
-        device=settings.local_device,
-    )
-    token = settings.worker_token.get_secret_value() if settings.worker_token else None
-    if token is None:
-        logging.getLogger("hidream_gateway").warning("HDG_WORKER_TOKEN is not set: the worker accepts anyone")
-    app = create_worker_app(
-        GenerationQueue(loader, queue_size=settings.local_queue_size),
-        token=token,
-        variants=frozenset(settings.local_variants),
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-
-
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
-    """Create (or reuse) the demo tenant, give it a fresh key, print how to call it, then serve."""
+@app.command()
+def demo(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Create (or reuse) the tenant named demo, give it a fresh key, serve, and print a curl line once ready."""
+    settings = _settings()
+    server = launch.gateway_app(settings)  # first: a misconfigured backend stops the demo before any slow step
+    launch.prepare(settings)
 
     async def work(session: AsyncSession) -> tuple[str, str]:
         tenant = await repo.find_tenant_by_name(session, name="demo")
@@ -286,7 +382,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
         return tenant.id, plaintext
 
     tenant_id, api_key = _run_db(settings, work)
-    base = settings.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"  # noqa: S104
+    base = settings.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
     body = json.dumps({"model": "hidream-i1-fast", "prompt": "a lighthouse on a cliff at dusk"})
     curl = (
         f"curl -s {base}/v1/images/generations -H 'Authorization: Bearer {api_key}' "
@@ -297,93 +393,72 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
         f'sys.stdout.buffer.write(urllib.request.urlopen(json.load(sys.stdin)["data"][0]["url"]).read())'
         "' > demo.png"
     )
-    print(
-        f"\nDemo tenant {tenant_id}; API key (shown once): {api_key}\n\n"
+    # Printed once /readyz says the model is loaded and warm, so the first curl someone pastes is served at once.
+    launch.serve_app(
+        server,
+        host=host,
+        port=port,
+        when_ready=f"\nThe gateway is ready. Demo tenant {tenant_id}; API key (shown once): {api_key}\n\n"
         f"Generate an image (JSON with a signed URL):\n  {curl}\n\n"
         f"Generate and save it as demo.png:\n  {save}\n",
-        flush=True,
     )
-    _serve(settings, args.host, args.port)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hidream-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# --- entry points ---------------------------------------------------------------------------------------------
 
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=_positive, default=1, help="processes (remote backends only)")
-    serve.set_defaults(func=cmd_serve)
-
-    demo = sub.add_parser("demo", help="create a demo tenant and key, print a curl line, and serve")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.set_defaults(func=cmd_demo)
-
-    worker = sub.add_parser("worker", help="serve the GPU worker protocol (HDG_LOCAL_MODEL, HDG_WORKER_TOKEN)")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, default=9000)
-    worker.set_defaults(func=cmd_worker)
-
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("upgrade", help="migrate to the latest schema").set_defaults(func=cmd_db_upgrade)
-
-    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="tenants_command", required=True)
-    create = tenants.add_parser("create", help="create a tenant and its first API key")
-    create.add_argument("name", type=_name)
-    create.add_argument("--rpm", type=_positive, default=None, help="requests per minute limit")
-    create.add_argument("--monthly-budget-usd", type=_budget, default=None)
-    create.add_argument("--max-in-flight", type=_positive, default=None, help="jobs queued or running at once")
-    create.set_defaults(func=cmd_tenants_create)
-    tenants.add_parser("list", help="list tenants").set_defaults(func=cmd_tenants_list)
-
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    kcreate = keys.add_parser("create", help="create another key for a tenant")
-    kcreate.add_argument("tenant_id")
-    kcreate.set_defaults(func=cmd_keys_create)
-    krevoke = keys.add_parser("revoke", help="revoke a key")
-    krevoke.add_argument("key_id")
-    krevoke.set_defaults(func=cmd_keys_revoke)
-
-    usage = sub.add_parser("usage", help="usage events, invoicing export, reconciliation")
-    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
-    events = usage_sub.add_parser("events", help="list usage events")
-    events.add_argument("--tenant", default=None)
-    events.add_argument("--format", choices=["json", "csv"], default="json")
-    events.set_defaults(func=cmd_usage_events)
-    export = usage_sub.add_parser("export", help="billed usage of a month per tenant, UTC day, model and backend")
-    export.add_argument("--period", required=True, help="a UTC calendar month, YYYY-MM")
-    export.add_argument("--tenant", default=None)
-    export.add_argument("--format", choices=["csv", "json"], default="csv")
-    export.add_argument("--output", type=Path, default=None, help="write to this file instead of stdout")
-    export.set_defaults(func=cmd_usage_export)
-    reconcile = usage_sub.add_parser("reconcile", help="check predictions, usage events and spend agree")
-    reconcile.add_argument(
-        "--repair",
-        action="store_true",
-        help="first set spend, reservations and in-flight counts to what their rows add up to (safe while serving)",
-    )
-    reconcile.set_defaults(func=cmd_usage_reconcile)
-    return parser
+COMMAND = typer.main.get_command(app)
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class Invocation:
+    """A parsed command line: the command's words (``"db upgrade"``) and its parameters by name."""
+
+    command: str
+    params: dict[str, Any]
+
+
+def parse(argv: Sequence[str]) -> Invocation:
+    """Parse ``argv`` (the words after ``hidream-gateway``) as ``main`` would, without running anything.
+
+    Raises typer.TyperException on an unknown command or option or a bad value. Example:
+    ``parse(["serve", "--port", "8000"]).params["port"] == 8000``.
+    """
+    words, command, ctx, path = list(argv), COMMAND, None, list[str]()
+    while isinstance(command, typer.core.TyperGroup):
+        ctx = typer.Context(command, info_name=path[-1] if path else PROG, parent=ctx)
+        sub = command.get_command(ctx, words[0]) if words else None
+        if sub is None:
+            raise typer.BadParameter(f"no such command: {words[:1]}", ctx=ctx, param_hint="COMMAND")
+        path.append(words.pop(0))
+        command = sub
+    leaf = command.make_context(path[-1], words, parent=ctx)
+    return Invocation(" ".join(path), dict(leaf.params))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``hidream-gateway`` console script."""
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command not in ("serve", "demo", "worker"):
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # keep one-shot commands' output clean
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations are shown as a step of their own
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"hidream-gateway: invalid settings:\n{exc}", file=sys.stderr)
+        code = COMMAND.main(args=argv, prog_name=PROG, standalone_mode=False)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit where it would print a traceback
+    except (CliError, ConfigurationError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    try:
-        args.func(settings, args)
-    except CliError as exc:
-        print(f"hidream-gateway: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except typer.TyperException as exc:  # a bad command line (typer's usage errors), or no command at all
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise SystemExit(2) from None  # the help is already printed
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else PROG
+        print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    except BrokenPipeError:  # `hidream-gateway usage events --format csv | head -1`
+        quiet_stdout()
+        raise SystemExit(1) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

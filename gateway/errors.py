@@ -13,12 +13,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("hidream_gateway")
 
 
+class ConfigurationError(Exception):
+    """A setting the gateway cannot start with; the message is one line that names the setting.
+
+    Raised by ``create_app(settings)`` before anything is served, so ``serve`` can print it and exit non-zero::
+
+        hidream-gateway: replicate is enabled (HDG_BACKENDS) but REPLICATE_API_TOKEN is not set; ...
+    """
+
+
 class GatewayError(Exception):
-    """An error a client can be told about: an HTTP status and an OpenAI-style error body."""
+    """An error a client can be told about: an HTTP status and an OpenAI-style error body.
+
+    Raised by a backend, it is also one attempt's end: ``outcome`` names how it ended in a job's attempt list and
+    ``upstream_status`` is the provider's HTTP status, when the error is its answer. A job's final error carries
+    the whole list in ``attempts``.
+    """
 
     status_code = 500
     error_type = "server_error"
     code: str | None = None
+    outcome = "failed"
 
     def __init__(
         self,
@@ -27,6 +42,8 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        upstream_status: int | None = None,
+        attempts: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -34,23 +51,29 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+        self.upstream_status = upstream_status
+        self.attempts = attempts
 
     def body(self) -> dict[str, Any]:
-        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``, plus ``attempts`` when backends were
+        tried (an extension: each is ``{"backend", "outcome", "status", "message"}``).
+        """
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
         }
+        if self.attempts is not None:
+            error["attempts"] = self.attempts
+        return {"error": error}
 
 
 class InvalidRequest(GatewayError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_value"
+    outcome = "invalid_input"
 
 
 class AuthenticationFailed(GatewayError):
@@ -81,6 +104,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(GatewayError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class RateLimited(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -107,28 +136,53 @@ class BackendBusy(GatewayError):
     status_code = 503
     error_type = "server_error"
     code = "backend_busy"
+    outcome = "busy"
 
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+    def __init__(self, message: str, *, retry_after: int = 5, **kwargs: Any) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))}, **kwargs)
         self.retry_after = retry_after
 
 
 class BackendUnavailable(GatewayError):
+    """No backend can take the job now (none eligible, or the one tried is not loaded): a 503, not a failure."""
+
     status_code = 503
     error_type = "server_error"
     code = "backend_unavailable"
+    outcome = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(max(1, retry_after))
 
 
 class BackendFailed(GatewayError):
+    """The backend was tried and failed: an upstream error (a 5xx, a malformed answer, a failed job)."""
+
     status_code = 502
     error_type = "server_error"
     code = "backend_error"
+
+
+class BackendUnauthorized(BackendFailed):
+    """The provider refused the gateway's credentials (401/403): the operator's to fix, not the tenant's."""
+
+    outcome = "unauthorized"
+
+
+class BackendUnreachable(BackendFailed):
+    """The backend could not be reached (connection refused, DNS, TLS) or dropped the connection mid-answer."""
+
+    outcome = "unreachable"
 
 
 class GenerationTimeout(GatewayError):
     status_code = 504
     error_type = "server_error"
     code = "timeout"
+    outcome = "timeout"
 
 
 # Replicate's API (predictions, models, webhooks) answers errors as RFC 7807 problems; the rest is OpenAI's shape.
@@ -140,6 +194,7 @@ TITLES = {
     405: "Method not allowed",
     409: "Conflict",
     413: "Request too large",
+    415: "Unsupported media type",
     422: "Input validation failed",
     402: "Payment required",
     429: "Too many requests",
@@ -166,6 +221,8 @@ def problem_response(exc: GatewayError) -> JSONResponse:
         "status": status,
         "detail": exc.message,
     }
+    if exc.attempts is not None:  # an extension member, as RFC 7807 allows: every backend tried, in order
+        body["attempts"] = exc.attempts
     if status == 422 and exc.param:
         body["invalid_fields"] = [{"type": exc.code or "invalid", "field": exc.param, "description": exc.message}]
     return JSONResponse(body, status_code=status, headers=exc.headers, media_type="application/problem+json")
@@ -199,7 +256,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc.errors()[0])
+        first = exc.errors()[0]
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if first.get("loc", ("",))[0] == "body" and media_type and not media_type.endswith(("/json", "+json")):
+            # The body was never read as JSON: say why, rather than that a JSON object is not one.
+            unsupported = UnsupportedMediaType(
+                f"Content-Type must be application/json, not '{media_type}'.", param="Content-Type"
+            )
+            return error_response(unsupported, request.url.path)
+        message, param = _validation_message(first)
         return error_response(InvalidRequest(message, param=param), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
@@ -226,3 +291,11 @@ class IdempotencyConflict(GatewayError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "idempotency_key_reused"
+
+
+class TenantExists(GatewayError):
+    """A tenant with this name, in any case, already exists: names are how operators tell tenants apart."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "tenant_exists"

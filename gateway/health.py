@@ -1,19 +1,34 @@
-"""Backend health: a circuit breaker per backend, recent latency, in-flight count, throttling.
+"""Backend health as one state machine: a circuit breaker per backend that real traffic and health probes both move,
+plus recent latency, in-flight count and throttling.
 
-Only real traffic moves a breaker: a half-open breaker lets one real request through as its trial, so
-probing never costs a paid generation that nobody asked for.
+Real traffic opens a breaker (``failure_threshold`` consecutive failures) and closes it (a half-open trial that
+succeeds). A backend with a free health check (a ``ProbedBackend``: a worker's /health, the local model's loader) is
+probed as well: a failed probe opens its breaker at once, and a good probe of an open breaker makes it half-open at
+once, so the next real request is its trial and a recovered backend serves within one probe interval. Providers have
+no free check: their breakers move on traffic and time alone, so probing never costs a paid generation.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.backends.base import Backend, Probe, ProbedBackend
+
+log = logging.getLogger("hidream_gateway.health")
+
 State = Literal["closed", "open", "half_open"]
+# What /readyz and /admin/backends call a backend: it takes jobs (up), takes them with recent failures or a trial
+# pending (degraded), takes none until it recovers (open), is still loading its model, or never will (misconfigured).
+Status = Literal["up", "degraded", "open", "loading", "misconfigured"]
+SERVING: frozenset[Status] = frozenset({"up", "degraded"})
 MAX_THROTTLE_SECONDS = 10.0
+GUESSED_LATENCY_S = 5.0  # how long a job is expected to take before a backend has answered one
 
 
 @dataclass
@@ -47,8 +62,17 @@ class CircuitBreaker:
     def on_failure(self, now: float) -> None:
         self.consecutive_failures += 1
         if self.state == "half_open" or self.consecutive_failures >= self.failure_threshold:
-            self.state, self.opened_at = "open", now
+            self.trip(now)
         self.trial_in_flight = False
+
+    def trip(self, now: float) -> None:
+        """Open now, whatever the count: the backend's own health check says it cannot serve."""
+        self.state, self.opened_at, self.trial_in_flight = "open", now, False
+
+    def recovered(self, now: float) -> None:
+        """An open breaker whose backend's health check passed: half-open now, without waiting out the timer."""
+        if self.current(now) == "open":
+            self.state = "half_open"
 
 
 @dataclass
@@ -61,26 +85,56 @@ class BackendHealth:
     successes: int = 0
     failures: int = 0
     last_error: str | None = None
+    problem: str | None = None  # its settings cannot work: never routed to (an optional backend, misconfigured)
+    probe: Probe | None = None  # the last health check's answer; None before the first
+    checked: bool = False  # it has a free health check, so a recovery is seen by probing, not by waiting
 
 
 @dataclass
 class HealthBoard:
-    """Health of every backend, updated by the job runner as attempts start and end."""
+    """Health of every backend, moved by the job runner's attempts and by health probes."""
 
     failure_threshold: int = 3
     open_seconds: float = 30.0
     clock: Any = time.monotonic
+    probe_seconds: float = 2.0  # how often doubtful backends are probed (``probe_forever``)
     backends: dict[str, BackendHealth] = field(default_factory=dict)
 
-    def register(self, name: str, *, max_in_flight: int) -> None:
-        self.backends[name] = BackendHealth(CircuitBreaker(self.failure_threshold, self.open_seconds), max_in_flight)
+    def register(self, name: str, *, max_in_flight: int, problem: str | None = None) -> None:
+        """Track ``name``; with ``problem``, as misconfigured (shown, never admitted)."""
+        breaker = CircuitBreaker(self.failure_threshold, self.open_seconds)
+        self.backends[name] = BackendHealth(breaker, max_in_flight, problem=problem, last_error=problem)
 
     def admits(self, name: str) -> bool:
-        return self.backends[name].breaker.admits(self.clock())
+        h = self.backends[name]
+        return h.problem is None and h.breaker.admits(self.clock())
 
     def has_capacity(self, name: str) -> bool:
         h = self.backends[name]
         return h.in_flight < h.max_in_flight and self.clock() >= h.throttled_until
+
+    def status(self, name: str) -> Status:
+        """The one word /readyz shows for ``name``."""
+        h = self.backends[name]
+        if h.problem is not None:
+            return "misconfigured"
+        if h.probe is not None and h.probe.status == "loading":
+            return "loading"
+        breaker = h.breaker.current(self.clock())
+        if breaker == "open":
+            return "open"
+        if breaker == "half_open" or h.breaker.consecutive_failures > 0:
+            return "degraded"
+        return "up"
+
+    def doubtful(self, name: str) -> bool:
+        """Worth probing again: never probed, not up at its last probe, or its breaker is open."""
+        h = self.backends[name]
+        if h.problem is not None:
+            return False
+        if h.probe is None or h.probe.status in ("loading", "down"):
+            return True
+        return h.breaker.current(self.clock()) == "open"
 
     @contextmanager
     def attempt(self, name: str) -> Iterator[None]:
@@ -110,6 +164,21 @@ class HealthBoard:
         h.failures += 1
         h.last_error = error[:300]
 
+    def probed(self, name: str, probe: Probe) -> None:
+        """Take a health check's answer: ``down`` opens the breaker now, ``up`` makes an open one half-open now."""
+        h = self.backends[name]
+        now = self.clock()
+        h.probe = probe
+        h.checked = h.checked or probe.status != "unchecked"
+        if probe.status == "down":
+            if h.breaker.current(now) != "open":
+                log.warning("%s is down: %s", name, probe.detail)
+            h.breaker.trip(now)
+            h.last_error = (probe.detail or "its health check failed")[:300]
+        elif probe.status == "up" and h.breaker.current(now) == "open":
+            log.info("%s answers its health check again: half-open, the next request is its trial", name)
+            h.breaker.recovered(now)
+
     def throttled(self, name: str, retry_after: float) -> None:
         """The backend said "not now": skip it until Retry-After passes (at most MAX_THROTTLE_SECONDS).
 
@@ -120,26 +189,112 @@ class HealthBoard:
         h.throttled_until = max(h.throttled_until, self.clock() + min(retry_after, MAX_THROTTLE_SECONDS))
         h.breaker.trial_in_flight = False
 
-    def retry_after(self, name: str) -> int:
-        """A guess at when a saturated or throttled backend frees up, for Retry-After."""
+    def recovery_in(self, name: str) -> float | None:
+        """Seconds until ``name`` can likely take a job (0: now), or None if it cannot until it is reconfigured.
+
+        The longest of what holds it back: an open breaker (for a backend with a health check, the next probe, which
+        can make it half-open; else the breaker's timer), a trial in flight, a model loading, a throttle, a full slot.
+        """
         h = self.backends[name]
-        throttled = h.throttled_until - self.clock()
-        return max(1, int(throttled) + 1 if throttled > 0 else int(h.latency_s or 5))
+        if h.problem is not None:
+            return None
+        now = self.clock()
+        waits = [0.0]
+        breaker = h.breaker.current(now)
+        if breaker == "open":
+            left = h.breaker.open_seconds - (now - h.breaker.opened_at)
+            waits.append(min(left, self.probe_seconds) if h.checked else left)
+        elif breaker == "half_open" and h.breaker.trial_in_flight:
+            waits.append(h.latency_s or GUESSED_LATENCY_S)
+        if h.probe is not None and h.probe.status == "loading":
+            waits.append(self.probe_seconds)
+        if h.throttled_until > now:
+            waits.append(h.throttled_until - now)
+        elif h.in_flight >= h.max_in_flight:
+            waits.append(h.latency_s or GUESSED_LATENCY_S)
+        return max(waits)
+
+    def retry_after(self, name: str) -> int:
+        """Whole seconds for Retry-After: when ``name`` is expected to take a job again."""
+        return self.soonest([name])
+
+    def soonest(self, names: Iterable[str]) -> int:
+        """Whole seconds for Retry-After: the soonest any of ``names`` is expected to take a job again.
+
+        Rounded up with a second to spare, so a client does not come back a moment too early. With none that can
+        recover (none configured, or all misconfigured), the breaker's open time: a guess that nothing will change.
+        """
+        waits = [w for name in names if (w := self.recovery_in(name)) is not None]
+        return int(min(waits, default=self.open_seconds)) + 1
+
+    def describe(self, names: Iterable[str]) -> str:
+        """Why none of ``names`` takes a job now, for a 503's message: ``fal is open (fal cannot be reached...)``."""
+        reasons = []
+        now = self.clock()
+        for name in names:
+            h, status = self.backends[name], self.status(name)
+            if status == "misconfigured":  # the setting's name is for the operator, not the tenant
+                reasons.append(f"{name} is misconfigured")
+            elif status in ("open", "degraded") and not h.breaker.admits(now):
+                reasons.append(f"{name} is {status}" + (f" ({h.last_error})" if h.last_error else ""))
+            elif status == "loading":
+                reasons.append(f"{name} is loading its model")
+            elif h.throttled_until > now:
+                reasons.append(f"{name} is throttled")
+            else:
+                reasons.append(f"{name} is at capacity")
+        return "; ".join(reasons)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """What /admin/backends shows."""
         now = self.clock()
         return {
             name: {
+                "state": self.status(name),
                 "circuit": h.breaker.current(now),
                 "consecutive_failures": h.breaker.consecutive_failures,
                 "in_flight": h.in_flight,
                 "max_in_flight": h.max_in_flight,
                 "latency_ms": None if h.latency_s is None else round(h.latency_s * 1000, 1),
                 "throttled_for_s": round(max(0.0, h.throttled_until - now), 1),
+                "probe": None if h.probe is None else h.probe.status,
                 "successes": h.successes,
                 "failures": h.failures,
                 "last_error": h.last_error,
             }
             for name, h in self.backends.items()
         }
+
+
+async def probe(backend: Backend) -> Probe:
+    """Ask ``backend``'s health check; one without a free check says only whether it is still loading."""
+    try:
+        if isinstance(backend, ProbedBackend):
+            return await backend.probe()
+        return Probe("unchecked") if await backend.ready() else Probe("loading")
+    except Exception as exc:  # a check that raises is a check that failed; the loop that asked must go on
+        log.warning("probing %s raised", backend.name, exc_info=True)
+        return Probe("down", f"{backend.name}'s health check failed ({type(exc).__name__}).")
+
+
+async def probe_all(board: HealthBoard, backends: Sequence[Backend], *, doubtful_only: bool = False) -> None:
+    """Probe ``backends`` at once (only the doubtful ones, if asked) and move their breakers by the answers."""
+    chosen = [
+        b for b in backends if board.backends[b.name].problem is None and (not doubtful_only or board.doubtful(b.name))
+    ]
+    answers = await asyncio.gather(*(probe(b) for b in chosen))
+    for backend, answer in zip(chosen, answers, strict=True):
+        board.probed(backend.name, answer)
+
+
+async def probe_forever(board: HealthBoard, backends: Sequence[Backend]) -> None:
+    """Every ``board.probe_seconds``, probe the backends worth it: not yet probed, down, loading, or open.
+
+    A backend that probed up and whose breaker is closed is left alone: real traffic is watching it.
+    """
+    while True:
+        try:
+            await probe_all(board, backends, doubtful_only=True)
+        except Exception:  # never let one bad round stop recovery for good
+            log.exception("probing backends failed")
+        await asyncio.sleep(board.probe_seconds)

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import webhooks
 from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult, ProviderBackend
+from gateway.backends.remote import with_deadline
 from gateway.errors import (
     BackendBusy,
     BackendFailed,
@@ -43,7 +44,19 @@ log = logging.getLogger("hidream_gateway.jobs")
 
 # What a settle is retried on: the database or the connection to it failing, not the write itself being wrong.
 TRANSIENT = (DBAPIError, SATimeoutError, OSError, TimeoutError)
-SETTLED_FIELDS = ("status", "backend", "latency_ms", "attempts", "width", "height", "error", "error_code")
+SETTLED_FIELDS = (
+    "status",
+    "backend",
+    "latency_ms",
+    "attempts",
+    "width",
+    "height",
+    "error",
+    "error_code",
+    "attempt_log",
+)
+# Retry-After for a 503 read back from a row: the replica that saw the refusal knew better, this one can only guess.
+RETRY_AFTER_GUESS = 2
 
 # Errors as stored (``error_code``) back to the error a waiting client is given, in any replica.
 ERRORS: dict[str, type[GatewayError]] = {
@@ -63,25 +76,78 @@ OnLog = Callable[
 
 
 def error_from(prediction: Prediction) -> GatewayError:
-    """The error a failed or canceled job reports, rebuilt from its stored code and message."""
+    """The error a failed or canceled job reports, rebuilt from its stored code, message and attempts."""
     message = prediction.error or f"The prediction was {prediction.status}."
+    attempts = prediction.attempt_log
     if prediction.status == "canceled":
-        return GatewayError(message, code="canceled")
+        return GatewayError(message, code="canceled", attempts=attempts)
     kind = ERRORS.get(prediction.error_code or "", BackendFailed)
-    return kind(message) if kind is not BackendBusy else BackendBusy(message, retry_after=2)
+    if issubclass(kind, BackendBusy | BackendUnavailable):
+        return kind(message, retry_after=RETRY_AFTER_GUESS, attempts=attempts)
+    return kind(message, attempts=attempts)
 
 
-def final_error(errors: list[GatewayError], *, out_of_time: bool) -> GatewayError:
-    """The one error a tenant sees after every attempt failed."""
-    if not errors:
-        return GenerationTimeout("No time was left to try a backend.")
-    if len(errors) == 1 or all(type(e) is type(errors[0]) for e in errors):
-        if all(isinstance(e, BackendBusy) for e in errors):
-            return BackendBusy(errors[-1].message, retry_after=min(e.retry_after for e in errors))  # type: ignore[attr-defined]
-        return errors[-1]
+@dataclass
+class Attempt:
+    """One try of a job on one backend: how it ended, as the error and the prediction's ``attempts`` list it."""
+
+    backend: str
+    outcome: str = "running"  # then succeeded, canceled, or the error's outcome (unauthorized, timeout, busy...)
+    error: GatewayError | None = None
+
+    def end(self, outcome: str, error: GatewayError | None = None) -> None:
+        self.outcome, self.error = outcome, error
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"backend", "outcome", "status", "message"}``: ``status`` is the provider's HTTP status, if any."""
+        error = self.error
+        return {
+            "backend": self.backend,
+            "outcome": self.outcome,
+            "status": error.upstream_status if error is not None else None,
+            "message": error.message[:500] if error is not None else None,
+        }
+
+
+def attempt_log(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
+    """Every attempt of a job, in order, as stored on its row and shown to its client."""
+    return [a.as_json() for a in attempts]
+
+
+def final_error(attempts: Sequence[Attempt], *, out_of_time: bool) -> GatewayError:
+    """The one error a tenant sees once no attempt succeeded; its status follows the rule the README states.
+
+    The job's own time ran out: 504. Otherwise any attempt that failed upstream (credentials refused, unreachable,
+    connection dropped, a 5xx, a malformed answer, a failed provider job): 502, and the message names the first of
+    them. Otherwise attempts that ran past their time: 504. Otherwise every backend tried was at capacity,
+    throttling or not ready: 503 with Retry-After. The error carries every attempt.
+    """
+    log = attempt_log(attempts)
+    errors = [a.error for a in attempts if a.error is not None]
+    refused: list[GatewayError] = [e for e in errors if isinstance(e, BackendBusy | BackendUnavailable)]
+    timeouts: list[GatewayError] = [e for e in errors if isinstance(e, GenerationTimeout)]
+    upstream = [e for e in errors if e not in refused and e not in timeouts]
     if out_of_time:
-        return GenerationTimeout(f"No backend finished in time after {len(errors)} attempts.")
-    return BackendFailed(f"All {len(errors)} attempts failed; the last: {errors[-1].message}")
+        first = next(iter(upstream + timeouts + refused), None)
+        reason = f" The first failure: {first.message}" if first is not None else ""
+        return GenerationTimeout(f"No backend finished in time.{reason}", attempts=log)
+    if upstream:
+        return BackendFailed(_naming(upstream[0], len(attempts)), attempts=log)
+    if timeouts:
+        return GenerationTimeout(_naming(timeouts[0], len(attempts)), attempts=log)
+    if not refused:
+        return GenerationTimeout("No time was left to try a backend.", attempts=log)
+    waits = [e.retry_after for e in refused if isinstance(e, BackendBusy | BackendUnavailable) and e.retry_after]
+    retry_after = min(waits) if waits else RETRY_AFTER_GUESS
+    kind = BackendBusy if any(isinstance(e, BackendBusy) for e in refused) else BackendUnavailable
+    return kind(_naming(refused[0], len(attempts)), retry_after=retry_after, attempts=log)
+
+
+def _naming(cause: GatewayError, attempts: int) -> str:
+    if attempts <= 1:
+        return cause.message
+    sentence = cause.message if cause.message.endswith(".") else f"{cause.message}."
+    return f"{sentence} None of the {attempts} attempts succeeded; each is listed in attempts."
 
 
 @dataclass
@@ -189,9 +255,13 @@ class JobRunner:
                     "Every backend that can serve this request is at capacity; retry later.",
                     retry_after=min(self.health.retry_after(name) for name in busy),
                 )
+            # The ones that would serve it once recovered say why they cannot now, and when the soonest may.
+            recovering = [replace(v, admits=True, has_capacity=True) for v in views]
+            waiting = plan(variant=job.variant, route=route, allowed=allowed, views=recovering)
             raise BackendUnavailable(
                 f"No backend can serve hidream-i1-{job.variant} right now (route {route}): "
-                "every eligible backend is down, throttled or at capacity."
+                f"{self.health.describe(waiting) or 'none here serves it'}.",
+                retry_after=self.health.soonest(waiting),
             )
         return [self.backends[n] for n in names]
 
@@ -209,47 +279,47 @@ class JobRunner:
                 p, owner, started, "failed", BackendFailed("The job's stored input is invalid."), [], []
             )
         logs: list[str] = []
-        errors: list[GatewayError] = []
-        tried: list[str] = []
+        attempts: list[Attempt] = []
         if p.cancel_requested:  # canceled while it waited to be claimed, or while its runner was dying
             await self._cancel_provider_job(p)
-            return await self._fail(p, owner, started, "canceled", None, ["Canceled."], tried)
+            return await self._fail(p, owner, started, "canceled", None, ["Canceled."], attempts)
         ends = [t for t in (p.deadline_at, p.cancel_at) if t is not None]
         end = min(ends) if ends else utcnow() + timedelta(days=1)
         try:
             async with asyncio.timeout(max(0.0, (end - utcnow()).total_seconds())):
-                served, result = await self._run(p, job, route, allowed, owner, logs, errors, tried)
-            return await self._succeed(p, owner, job, served, result, started, logs, tried)
+                served, result = await self._run(p, job, route, allowed, owner, logs, attempts)
+            return await self._succeed(p, owner, job, served, result, started, logs, attempts)
         except LeaseLost:
             return await self._current(p)
         except asyncio.CancelledError:
             if why() != "cancel":  # lost or shutting down: another runner continues it, re-attaching to the provider
                 raise
             logs.append("Canceled.")
-            await _finish_despite_cancels(self._cancel_and_settle(p, owner, started, logs, tried))
+            await _finish_despite_cancels(self._cancel_and_settle(p, owner, started, logs, attempts))
             raise
         except TimeoutError:
             await asyncio.shield(self._cancel_provider_job(p))
             if p.cancel_at is not None and utcnow() >= p.cancel_at:
                 logs.append("Canceled by Cancel-After.")
-                return await self._fail(p, owner, started, "canceled", None, logs, tried)
-            error: GatewayError = GenerationTimeout(
-                "No backend finished in time." if not errors else f"No backend finished in time; {errors[-1].message}"
-            )
-            return await self._fail(p, owner, started, "failed", error, logs, tried)
+                return await self._fail(p, owner, started, "canceled", None, logs, attempts)
+            for a in attempts:  # the one the deadline cut short
+                if a.outcome == "running":
+                    a.end("timeout", GenerationTimeout("The request's time ran out during this attempt."))
+            error = final_error(attempts, out_of_time=True)
+            return await self._fail(p, owner, started, "failed", error, logs, attempts)
         except Deferred as deferred:
             return deferred.finished
         except GatewayError as exc:
-            return await self._fail(p, owner, started, "failed", exc, logs, tried)
+            return await self._fail(p, owner, started, "failed", exc, logs, attempts)
         except Exception as exc:
             log.exception("job %s raised", p.id)
-            return await self._fail(p, owner, started, "failed", BackendFailed(type(exc).__name__), logs, tried)
+            return await self._fail(p, owner, started, "failed", BackendFailed(type(exc).__name__), logs, attempts)
 
     async def _cancel_and_settle(
-        self, p: Prediction, owner: str, started: float, logs: list[str], tried: list[str]
+        self, p: Prediction, owner: str, started: float, logs: list[str], attempts: list[Attempt]
     ) -> None:
         await self._cancel_provider_job(p)
-        await self._fail(p, owner, started, "canceled", None, logs, tried)
+        await self._fail(p, owner, started, "canceled", None, logs, attempts)
 
     async def _run(
         self,
@@ -259,39 +329,40 @@ class JobRunner:
         allowed: Sequence[str] | None,
         owner: str,
         logs: list[str],
-        errors: list[GatewayError],
-        tried: list[str],
+        attempts: list[Attempt],
     ) -> tuple[Backend, ImageResult]:
         skip: set[str] = set()
         attached = self.backends.get(p.provider_backend or "")
         if p.provider_ref is not None and isinstance(attached, ProviderBackend):
             # A previous runner had submitted it: wait on that job instead of paying for another.
             await self._log(p, owner, logs, f"Re-attached to the job on {attached.name}.")
-            tried.append(attached.name)
+            attempts.append(tried := Attempt(attached.name))
             outcome = await self._attempt(attached, job, p, owner, ref=p.provider_ref)
             if isinstance(outcome, ImageResult):
+                tried.end("succeeded")
                 return attached, outcome
-            errors.append(outcome)
+            tried.end(outcome.outcome, outcome)
             skip.add(attached.name)
         try:
             candidates = [b for b in self.candidates(job, route, allowed) if b.name not in skip]
         except BackendBusy as exc:
-            if errors:
-                raise final_error(errors, out_of_time=False) from None
+            if attempts:
+                raise final_error(attempts, out_of_time=False) from None
             raise Deferred(await self._defer(p, owner, exc.retry_after)) from None
         for backend in candidates:
             if not self.health.admits(backend.name):
                 continue
-            tried.append(backend.name)
-            await self._log(p, owner, logs, f"Attempt {len(tried)} on {backend.name}.")
-            outcome = await self._attempt(backend, job, p, owner, ref=None)
+            attempts.append(tried := Attempt(backend.name))
+            await self._log(p, owner, logs, f"Attempt {len(attempts)} on {backend.name}.")
+            outcome = await self._attempt(backend, job, p, owner, ref=None)  # an input error ends the job here
             if isinstance(outcome, ImageResult):
+                tried.end("succeeded")
                 return backend, outcome
+            tried.end(outcome.outcome, outcome)
             await self._log(p, owner, logs, f"{backend.name} failed: {outcome.message}")
-            errors.append(outcome)
-        if not tried:  # every candidate became ineligible (another request took a trial slot)
+        if not attempts:  # every candidate became ineligible (another request took a trial slot)
             raise Deferred(await self._defer(p, owner, 2))
-        raise final_error(errors, out_of_time=False)
+        raise final_error(attempts, out_of_time=False)
 
     async def _attempt(
         self, backend: Backend, job: ImageJob, p: Prediction, owner: str, *, ref: dict[str, Any] | None
@@ -306,11 +377,15 @@ class JobRunner:
             with self.health.attempt(backend.name):
                 if isinstance(backend, ProviderBackend):
                     if ref is None:
-                        ref = await backend.submit(job, timeout=timeout)
+                        # The attempt's time covers the submit too: a provider that never answers it is a timeout.
+                        ref = await with_deadline(
+                            backend.submit(job, timeout=timeout), timeout=timeout, backend=backend.name
+                        )
                         # Committed before waiting: a restart re-attaches to this job instead of submitting again.
                         await self._hold(p, owner, backend.name, ref)
                     try:
-                        result = await backend.collect(job, ref, timeout=timeout)
+                        left = max(0.0, timeout - (time.monotonic() - t0))
+                        result = await backend.collect(job, ref, timeout=left)
                     except GatewayError:
                         await backend.cancel(ref)  # it may still be running, and billing
                         await self._hold(p, owner, backend.name, None)
@@ -413,7 +488,7 @@ class JobRunner:
         result: ImageResult,
         started: float,
         logs: list[str],
-        tried: list[str],
+        attempts: list[Attempt],
     ) -> Finished:
         stored = await self._save_all(p, result)
         gpu_seconds = result.timings.get("inference_s") if served.kind == "worker" else None
@@ -431,12 +506,13 @@ class JobRunner:
                     latency_ms=latency_ms,
                     price_usd=price,
                     cost_usd=self.cost(served, job, gpu_seconds),
-                    attempts=p.attempts + len(tried),
+                    attempts=p.attempts + len(attempts),
                     images=len(stored),
                     width=result.width,
                     height=result.height,
                     files=stored,
                     logs=logs,
+                    attempt_log=attempt_log(attempts),
                 )
             )
         except Exception:
@@ -457,7 +533,7 @@ class JobRunner:
             if current.prediction.status in queue.ACTIVE and current.prediction.lease_owner == owner:
                 # Still ours, so the settle itself failed: record a failure (unbilled) instead.
                 error = BackendFailed("The image was made but could not be stored; it is not billed.")
-                return await self._fail(p, owner, started, "failed", error, logs, tried)
+                return await self._fail(p, owner, started, "failed", error, logs, attempts)
             return current  # someone else settled it: report what they recorded, never a success we did not land
         self._count_spend(p, served, price)
         return Finished(p, stored, images=result.images)
@@ -475,23 +551,31 @@ class JobRunner:
         status: str,
         error: GatewayError | None,
         logs: list[str],
-        tried: list[str],
+        attempts: list[Attempt],
     ) -> Finished:
+        for a in attempts:  # still running when the job ended: stopped by a cancel, or by what ended the job
+            if a.outcome == "running" and error is None:
+                a.end("canceled")
+            elif a.outcome == "running" and error is not None:
+                a.end(error.outcome, error)
+        if error is not None and error.attempts is None:
+            error.attempts = attempt_log(attempts)
         try:
             won = await self._settle_retrying(
                 p,
                 owner,
                 status=status,
-                backend=p.provider_backend or (tried[-1] if tried else None),
+                backend=p.provider_backend or (attempts[-1].backend if attempts else None),
                 latency_ms=int((time.monotonic() - started) * 1000),
                 price_usd=Decimal(0),
-                attempts=p.attempts + len(tried),
+                attempts=p.attempts + len(attempts),
                 images=0,
                 width=p.width,
                 height=p.height,
                 error=error.message[:2000] if error else None,
                 error_code=error.code if error else None,
                 logs=logs,
+                attempt_log=attempt_log(attempts),
             )
         except Exception:
             log.exception("could not record the end of prediction %s", p.id)

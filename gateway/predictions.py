@@ -63,6 +63,9 @@ def prediction_json(
         "output": output if p.status == "succeeded" else None,
         "logs": p.logs or "",
         "error": p.error if p.status == "failed" else None,
+        # An extension: every backend tried, once the prediction has ended (null before); ``error`` stays the string
+        # Replicate's clients read.
+        "attempts": p.attempt_log,
         "status": status or p.status,
         "created_at": iso(p.created_at),
         "started_at": iso(p.started_at),

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     attempt_timeout_seconds: float = Field(default=120.0, gt=0)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_open_seconds: float = Field(default=30.0, gt=0)
+    health_interval_seconds: float = Field(
+        default=2.0, gt=0, description="how often backends that are down, open or loading are probed again"
+    )
+    # Backends (kinds, as in HDG_BACKENDS) that may be misconfigured: shown as such and never routed to, instead of
+    # stopping the gateway at start.
+    optional_backends: Annotated[list[str], NoDecode] = []
     backend_costs: dict[str, dict[str, Cost]] = Field(default_factory=default_backend_costs)
 
     # Self-hosted workers (ours on any GPU host, or the Modal deployment).
@@ -196,6 +202,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "backends",
+        "optional_backends",
         "local_variants",
         "worker_urls",
         "worker_variants",
@@ -208,7 +215,7 @@ class Settings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("backends")
+    @field_validator("backends", "optional_backends")
     @classmethod
     def _known_backends(cls, value: list[str]) -> list[str]:
         unknown = sorted(set(value) - set(KNOWN_BACKENDS))

@@ -210,14 +210,19 @@ def _write_pipeline(root: Path, seed: int) -> None:
     (pipe_dir / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def tiny_pipeline_built(root: Path | str) -> bool:
+    """Whether ``root`` holds a tiny pipeline of the current format (so building it would return at once)."""
+    marker = Path(root) / "tiny.json"
+    return marker.exists() and json.loads(marker.read_text()).get("format") == TINY_FORMAT
+
+
 def build_tiny_pipeline(root: Path | str, *, seed: int = 0) -> Path:
     """Write a tiny random-weight HiDream pipeline under ``root`` (idempotent) and return ``root``.
 
     Example: ``runner = HiDreamRunner.load(build_tiny_pipeline(tmp) / "pipeline", llama_path=tmp / "llama")``.
     """
     root = Path(root)
-    marker = root / "tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("format") == TINY_FORMAT:
+    if tiny_pipeline_built(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp dir and rename, so a crash or a concurrent build never leaves half a model.

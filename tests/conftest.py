@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.backends.local import LocalBackend
+from gateway.backends.local import LocalBackend, warm_up
 from gateway.settings import Settings
 from inference.runner import HiDreamRunner
 from inference.serving import GenerationQueue
@@ -38,7 +38,9 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def runner(tiny_root: Path) -> HiDreamRunner:
-    return HiDreamRunner.load(tiny_root / "pipeline", llama_path=tiny_root / "llama")
+    loaded = HiDreamRunner.load(tiny_root / "pipeline", llama_path=tiny_root / "llama")
+    warm_up(loaded, variant="fast")  # once, here: every local backend on it is then up at once, in any test order
+    return loaded
 
 
 async def _pg_admin(sql: str) -> None:

@@ -18,7 +18,7 @@ from gateway.backends.fal import FalBackend, fal_input
 from gateway.backends.remote import check, normalise, retry_after, send
 from gateway.backends.replicate import ReplicateBackend, replicate_input
 from gateway.backends.worker import WorkerBackend
-from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
+from gateway.errors import BackendBusy, BackendFailed, BackendUnauthorized, GenerationTimeout
 from tests.fakes.fal import FakeFal
 from tests.fakes.replicate import FakeReplicate
 from tests.fakes.server import make_image
@@ -65,15 +65,16 @@ def test_fal_input_mapping() -> None:
         (429, {"Retry-After": "7"}, BackendBusy),
         (503, {"Retry-After": "3"}, BackendBusy),
         (503, {}, BackendFailed),
-        (401, {}, BackendUnavailable),
-        (403, {}, BackendUnavailable),
+        (401, {}, BackendUnauthorized),
+        (403, {}, BackendUnauthorized),
         (404, {}, BackendFailed),
         (500, {}, BackendFailed),
     ],
 )
 def test_vendor_statuses_map_to_gateway_errors(status: int, headers: dict[str, str], error: type) -> None:
-    with pytest.raises(error):
+    with pytest.raises(error) as raised:
         check(httpx.Response(status, headers=headers, json={"detail": "nope"}), "x")
+    assert raised.value.upstream_status == status  # reported in the job's attempt list
 
 
 def test_malformed_answers_are_backend_failures() -> None:

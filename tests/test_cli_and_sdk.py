@@ -102,7 +102,7 @@ def test_cli_tenants_and_keys(tmp_path: Path, database_url: str) -> None:
     revoked = _cli(env, "keys", "revoke", second["key_id"])
     assert revoked["id"] == second["key_id"] and revoked["revoked_at"]
     assert "api_key" not in revoked and second["api_key"] not in json.dumps(revoked)
-    listed = _cli(env, "tenants", "list")
+    listed = _cli(env, "tenants", "list", "--json")
     assert [t["name"] for t in listed] == ["acme"]
 
 
@@ -114,6 +114,9 @@ def test_cli_tenants_and_keys(tmp_path: Path, database_url: str) -> None:
         (["tenants", "create", "x", "--rpm", "0"], "positive integer"),
         (["tenants", "create", "x", "--monthly-budget-usd", "lots"], "not a number"),
         (["serve", "--workers", "2"], "local model once per process"),
+        (["usage", "events", "--json", "--format", "csv"], "different formats"),
+        (["tenants", "create", "x", "--bogus"], "No such option: --bogus"),
+        (["tenant", "list"], "No such command 'tenant'"),
     ],
 )
 def test_cli_errors_are_clear(tmp_path: Path, sqlite_url: str, args: list[str], message: str) -> None:
@@ -121,6 +124,8 @@ def test_cli_errors_are_clear(tmp_path: Path, sqlite_url: str, args: list[str], 
         [CLI, *args], env=_env(tmp_path / "d", sqlite_url), capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()  # one line, that names the command
+    assert line.startswith("hidream-gateway") and not done.stdout
 
 
 def test_invalid_settings_are_reported_without_a_traceback(tmp_path: Path, sqlite_url: str) -> None:

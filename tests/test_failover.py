@@ -48,7 +48,12 @@ def providers(
 
 
 def _usage(gw: Gateway, key: str) -> dict[str, Any]:
+    """The key's tenant's usage events as the admin sees them (with what each backend cost us)."""
     body: dict[str, Any] = gw.client.get("/v1/usage/events", headers={"Authorization": f"Bearer {key}"}).json()
+    assert all("cost_usd" not in e for e in body["data"])  # a tenant never sees our costs
+    ids = {e["prediction_id"] for e in body["data"]}
+    everyone = gw.admin("GET", "/admin/usage/events").json()["data"]
+    body["data"] = [e for e in everyone if e["prediction_id"] in ids]
     return body
 
 
@@ -147,23 +152,25 @@ def test_input_error_from_a_backend_is_returned_not_retried(
     assert _backends(gw)["worker"]["circuit"] == "closed"
 
 
-def test_circuit_opens_skips_the_broken_backend_then_recovers_on_real_traffic(
+def test_circuit_opens_skips_the_broken_backend_then_a_good_health_probe_recovers_it_at_once(
     providers: Any, worker_app: ServerThread, replicate: FakeReplicate
 ) -> None:
-    worker_app.stop()
-    gw = providers(breaker_failures=2, breaker_open_seconds=1.0)
+    # The breaker would stay open for a minute on its timer: only the health probe can bring the worker back sooner.
+    gw = providers(breaker_failures=2, breaker_open_seconds=60, health_interval_seconds=0.2)
     key = gw.create_tenant()["api_key"]
+    assert gw.client.get("/readyz").json()["checks"]["backends"]["worker"] == "up"
+    worker_app.stop()  # after its health check passed: only real traffic finds out
     assert [gw.generate(key).headers["X-HDG-Attempts"] for _ in range(2)] == ["2", "2"]
-    assert _backends(gw)["worker"]["circuit"] == "open"
+    assert _backends(gw)["worker"]["state"] == "open"
 
     skipped = gw.generate(key)  # open: not even tried
     assert (skipped.headers["X-HDG-Backend"], skipped.headers["X-HDG-Attempts"]) == ("replicate", "1")
 
     worker_app.start()
-    time.sleep(1.1)  # half-open: the next real request is the trial
-    trial = gw.generate(key)
+    time.sleep(1.0)  # a few probe intervals: the probe that finds it back makes it half-open
+    trial = gw.generate(key)  # the trial
     assert (trial.headers["X-HDG-Backend"], trial.headers["X-HDG-Attempts"]) == ("worker", "1")
-    assert _backends(gw)["worker"]["circuit"] == "closed"
+    assert _backends(gw)["worker"]["circuit"] == "closed" and _backends(gw)["worker"]["state"] == "up"
     assert replicate.creates == 3
 
 
@@ -192,7 +199,8 @@ def test_route_header_tenant_allow_list_and_no_candidate(
     assert gw.generate(only_fal["api_key"]).headers["X-HDG-Backend"] == "fal"
     fal.stop()
     down = gw.generate(only_fal["api_key"])
-    assert down.status_code == 503 and down.json()["error"]["code"] == "backend_unavailable"
+    assert down.status_code == 502 and down.json()["error"]["code"] == "backend_error"  # tried, and it failed
+    assert [a["outcome"] for a in down.json()["error"]["attempts"]] == ["unreachable"]
     for _ in range(3):  # open fal's circuit: now nothing is eligible, answered without trying
         gw.generate(only_fal["api_key"])
     none_left = gw.generate(only_fal["api_key"])

@@ -19,7 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AliasChoices, SecretStr
 
-from gateway.cli import build_parser
+from gateway.backends.config import misconfigured
+from gateway.cli import Invocation, parse
 from gateway.settings import Settings
 from tests.conftest import GatewayFactory
 
@@ -121,10 +122,10 @@ def container_env(container: dict[str, Any]) -> dict[str, Any]:
     return {entry["name"]: entry for entry in container.get("env", [])}
 
 
-def parse_cli(argv: list[str]) -> Any:
+def parse_cli(argv: list[str]) -> Invocation:
     """The command as `hidream-gateway` would parse it; an unknown command or flag fails the test."""
     assert argv[0] == "hidream-gateway", argv
-    return build_parser().parse_args(argv[1:])
+    return parse(argv[1:])
 
 
 def isolated_settings(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -251,6 +252,8 @@ def test_the_compose_gateways_settings_are_accepted(
     assert settings.public_url == f"http://localhost:{example_env['LB_PORT']}"
     assert "local" not in settings.backends  # each replica would load its own model
     assert settings.worker_urls == ["http://tiny-worker:9000"]
+    # The example's provider keys are empty: the replicas start, with both providers shown as misconfigured.
+    assert set(misconfigured(settings)) == {"fal", "replicate"}
 
 
 def test_the_k8s_settings_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,6 +265,7 @@ def test_the_k8s_settings_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.redis_url is not None and settings.url_signing_secret is not None
     assert settings.public_url and settings.public_url.startswith("https://")
     assert "local" not in settings.backends
+    misconfigured(settings)  # the pods start (a provider without a usable key in the Secret is only skipped)
 
 
 # --- compose: two replicas sharing one state ----------------------------------------------------------------
@@ -311,7 +315,7 @@ def test_compose_runs_two_replicas_on_the_same_shared_state(
 def test_compose_migrates_once_before_the_replicas_start(compose: dict[str, Any], example_env: dict[str, str]) -> None:
     migrate = compose["services"]["migrate"]
     assert migrate["command"] == ["hidream-gateway", "db", "upgrade"]
-    assert parse_cli(migrate["command"]).func.__name__ == "cmd_db_upgrade"
+    assert parse_cli(migrate["command"]).command == "db upgrade"
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name, service in gateway_services(compose).items():
         conditions = {dep: spec["condition"] for dep, spec in service["depends_on"].items()}
@@ -319,7 +323,7 @@ def test_compose_migrates_once_before_the_replicas_start(compose: dict[str, Any]
         assert conditions["minio-bucket"] == "service_completed_successfully", name
         assert conditions["postgres"] == conditions["redis"] == "service_healthy", name
         args = parse_cli(service["command"])
-        assert (args.host, args.port) == (ALL_INTERFACES, 8000)
+        assert (args.command, args.params["host"], args.params["port"]) == ("serve", ALL_INTERFACES, 8000)
         assert service["healthcheck"]["test"][0] == "CMD" and "/healthz" in " ".join(service["healthcheck"]["test"])
         # The migration runs with the replicas' own settings, so a bad value stops the stack before it serves.
         assert service_env(migrate, example_env) == service_env(service, example_env)
@@ -417,7 +421,7 @@ def test_the_image_is_the_gateway_without_the_inference_extra() -> None:
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     (cmd,) = [rest for instruction, rest in chain[0] if instruction == "CMD"]
     args = parse_cli(json.loads(cmd))
-    assert (args.command, args.host, args.port) == ("serve", ALL_INTERFACES, 8000)
+    assert (args.command, args.params["host"], args.params["port"]) == ("serve", ALL_INTERFACES, 8000)
     (worker_cmd,) = [rest for instruction, rest in stages["tiny-worker"] if instruction == "CMD"]
     assert parse_cli(json.loads(worker_cmd)).command == "worker"
 
@@ -439,7 +443,8 @@ def test_the_gateway_serves_without_the_inference_packages(tmp_path: Path) -> No
         "from gateway.app import create_app\n"
         "from gateway.cli import main\n"
         "from gateway.settings import Settings\n"
-        f"settings = Settings(data_dir={str(tmp_path)!r}, backends=['fal', 'replicate'])\n"
+        f"settings = Settings(data_dir={str(tmp_path)!r}, backends=['fal', 'replicate'], fal_key='id:secret',\n"
+        "    replicate_api_token='r8_token')\n"
         "with TestClient(create_app(settings)) as client:\n"
         "    assert client.get('/healthz').status_code == 200\n"
         "    ready = client.get('/readyz')\n"
@@ -465,7 +470,7 @@ def test_the_deployment_runs_two_probed_non_root_replicas() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     (port,) = container["ports"]
     args = parse_cli(container["command"] + container["args"])
-    assert (args.command, args.host, args.port) == ("serve", ALL_INTERFACES, port["containerPort"])
+    assert (args.command, args.params["host"], args.params["port"]) == ("serve", ALL_INTERFACES, port["containerPort"])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and get["port"] in (port["name"], port["containerPort"]), probe
@@ -516,7 +521,7 @@ def test_the_migration_job_upgrades_the_database() -> None:
     job = k8s("Job")
     (container,) = pod_containers(job)
     assert container["command"] == ["hidream-gateway", "db", "upgrade"]
-    assert parse_cli(container["command"]).func.__name__ == "cmd_db_upgrade"
+    assert parse_cli(container["command"]).command == "db upgrade"
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert container["image"] == pod_containers(k8s("Deployment"))[0]["image"]
 

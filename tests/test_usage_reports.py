@@ -374,7 +374,7 @@ def test_cli_export_is_the_invoicing_csv(
     assert json.loads(out.read_text())["data"] == [{"tenant_id": b.tenant_id, **B_DECEMBER[0]}]
     assert "wrote 1 rows" in capsys.readouterr().err
 
-    assert _cli(monkeypatch, tmp_path, database_url, "usage", "events", "--tenant", b.tenant_id) == 0
+    assert _cli(monkeypatch, tmp_path, database_url, "usage", "events", "--tenant", b.tenant_id, "--json") == 0
     [event] = json.loads(capsys.readouterr().out)
     assert (event["tenant_id"], event["images"], event["price_usd"]) == (b.tenant_id, 4, "0.041944")
 

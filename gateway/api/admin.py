@@ -25,6 +25,7 @@ from gateway.api.usage import (
 )
 from gateway.auth import create_tenant_with_key, issue_key
 from gateway.errors import InvalidRequest, NotFound
+from gateway.health import SERVING, probe_all
 from gateway.settings import Cost
 from gateway.storage import repo
 from gateway.usage import resolve_period, usage_report
@@ -135,7 +136,7 @@ async def create_key(tenant_id: TenantId, session: SessionDep, body: KeyLimits |
         key, plaintext = await issue_key(session, tenant_id=tenant_id)
         if body is not None:
             key.rpm, key.monthly_budget_usd, key.max_in_flight = body.rpm, body.monthly_budget_usd, body.max_in_flight
-    return {**key_body(key), "api_key": plaintext}
+    return {**key_body(key), "key_id": key.id, "api_key": plaintext}  # key_id: as tenant creation names it
 
 
 @router.patch("/keys/{key_id}")
@@ -171,10 +172,17 @@ async def revoke_key(key_id: KeyId, session: SessionDep, state: StateDep) -> dic
 
 @router.get("/backends")
 async def backends(state: StateDep) -> dict[str, Any]:
-    """Every backend: kind, variants, circuit state, recent latency, in-flight count, readiness."""
+    """Every backend: kind, variants, state (as /readyz names it), circuit, latency, in flight, last error."""
+    await probe_all(state.health, state.backends)  # the state shown is as of now, not of the last request
     health = state.health.snapshot()
     data = [
-        {"name": b.name, "kind": b.kind, "variants": sorted(b.variants), "ready": await b.ready(), **health[b.name]}
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "variants": sorted(b.variants),
+            "ready": health[b.name]["state"] in SERVING,
+            **health[b.name],
+        }
         for b in state.backends
     ]
     return {"object": "list", "data": data}
@@ -224,4 +232,4 @@ async def all_usage_events(
         until=as_utc(until, param="until"),
         limit=limit,
     )
-    return usage_list(events)
+    return usage_list(events, with_cost=True)

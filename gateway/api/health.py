@@ -13,28 +13,23 @@ from sqlalchemy import text
 from gateway.api.deps import StateDep
 from gateway.auth import bearer_token
 from gateway.errors import AuthenticationFailed
+from gateway.health import SERVING, probe_all
 from gateway.state import AppState
 from gateway.storage.files import StorageUnavailable
 
 router = APIRouter(tags=["health"])
 
-READY = "ready"
 REDIS_DOWN = "unreachable: rate limits are per-process until it is back"
 
 
 async def backend_checks(state: AppState) -> dict[str, str]:
-    """Each backend: ``ready`` (it can take a job now), ``not ready`` (loading, or unreachable) or ``circuit open``."""
-    circuits = state.health.snapshot()
-    ready = await asyncio.gather(*(b.ready() for b in state.backends))
-    checks: dict[str, str] = {}
-    for backend, up in zip(state.backends, ready, strict=True):
-        if not up:
-            checks[backend.name] = "not ready"
-        elif circuits[backend.name]["circuit"] == "open":
-            checks[backend.name] = "circuit open"
-        else:  # closed, or half-open: the next real request is its trial
-            checks[backend.name] = READY
-    return checks
+    """Each backend's state, after probing every one that has a health check (the answers move its breaker).
+
+    ``up``, ``degraded`` (recent failures, or half-open: the next request is its trial), ``open`` (down, or failing:
+    not routed to until it recovers), ``loading`` (answers, model not loaded yet) or ``misconfigured``.
+    """
+    await probe_all(state.health, state.backends)
+    return {backend.name: state.health.status(backend.name) for backend in state.backends}
 
 
 async def redis_check(state: AppState) -> str:
@@ -73,7 +68,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 when the database and the image store answer and at least one backend can take a job; 503 otherwise.
+    """200 when the database and the image store answer and at least one backend is up or degraded; 503 otherwise.
 
     Redis is shown but does not decide: without it the gateway keeps serving, with per-process rate limits.
     """
@@ -82,7 +77,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     )
     checks: dict[str, Any] = {"database": database, "backends": backends, "redis": redis, "storage": storage}
     # A gateway that cannot store what it makes is not ready: every job would fail after the backend did the work.
-    ok = database == "ok" and storage == "ok" and READY in backends.values()
+    ok = database == "ok" and storage == "ok" and any(check in SERVING for check in backends.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
@@ -98,7 +93,7 @@ async def metrics(request: Request, state: StateDep, authorization: Annotated[st
     # Gauges of state this process holds are read now, not on every request.
     backends, redis = await asyncio.gather(backend_checks(state), redis_check(state))
     for name, check in backends.items():
-        state.metrics.set_backend_up(name, check == READY)
+        state.metrics.set_backend_up(name, check in SERVING)
     if redis != "not configured":
         state.metrics.set_redis_up(redis == "ok")
     body, content_type = state.metrics.render(request.headers.get("accept"))

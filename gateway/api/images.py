@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.api.serialize import Text
@@ -40,17 +40,17 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: Text = Field(min_length=1)
     model: str = DEFAULT_MODEL
-    n: int = Field(default=1, ge=1, le=4)
+    n: StrictInt = Field(default=1, ge=1, le=4)
     size: str | None = None
     response_format: Literal["url", "b64_json"] = "url"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int | None = Field(default=None, ge=0, le=100)
+    output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
     user: Text | None = Field(default=None, max_length=256)
     stream: bool | None = None
     negative_prompt: Text | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: StrictInt | None = Field(default=None, ge=1, le=100)
+    guidance_scale: StrictFloat | None = Field(default=None, ge=0.0, le=20.0)
 
 
 def parse_size(size: str | None) -> tuple[int, int]:
@@ -239,4 +239,5 @@ async def get_generation(
     )
     if p.error:
         body["error"] = p.error
+    body["attempt_log"] = p.attempt_log  # every backend tried, once it has ended ("attempts" is their count)
     return body

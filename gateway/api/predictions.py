@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
@@ -50,15 +50,15 @@ class PredictionInput(BaseModel):
 
     prompt: Text = Field(min_length=1)
     negative_prompt: Text | None = None
-    width: int | None = Field(default=None, ge=64, le=4096)
-    height: int | None = Field(default=None, ge=64, le=4096)
+    width: StrictInt | None = Field(default=None, ge=64, le=4096)
+    height: StrictInt | None = Field(default=None, ge=64, le=4096)
     aspect_ratio: str | None = None
-    seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)  # -1 or absent: random, as on Replicate
-    num_outputs: int = Field(default=1, ge=1, le=4)
+    seed: StrictInt | None = Field(default=None, ge=-1, le=MAX_SEED)  # -1 or absent: random, as on Replicate
+    num_outputs: StrictInt = Field(default=1, ge=1, le=4)
     output_format: Literal["png", "jpg", "jpeg", "webp"] = "png"
-    output_quality: int = Field(default=90, ge=0, le=100)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=20.0)
+    output_quality: StrictInt = Field(default=90, ge=0, le=100)
+    num_inference_steps: StrictInt | None = Field(default=None, ge=1, le=100)
+    guidance_scale: StrictFloat | None = Field(default=None, ge=0.0, le=20.0)
 
 
 class CreatePrediction(BaseModel):

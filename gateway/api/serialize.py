@@ -38,10 +38,14 @@ USAGE_FIELDS = (
 )
 
 
-def usage_row(e: UsageEvent) -> dict[str, Any]:
-    """One usage event as a flat dict (also the CSV row)."""
-    return {
-        "id": e.id,
+def usage_row(e: UsageEvent, *, with_cost: bool = True) -> dict[str, Any]:
+    """One usage event as a flat dict (also the CSV row); a tenant's view leaves out what the backend cost us.
+
+    Its id is derived from the (random) prediction id: the table's own sequence would tell every tenant how much
+    traffic the whole gateway serves.
+    """
+    row = {
+        "id": f"use_{e.prediction_id.removeprefix('gen_')}",
         "created_at": e.created_at.isoformat(),
         "tenant_id": e.tenant_id,
         "api_key_id": e.api_key_id,
@@ -57,6 +61,9 @@ def usage_row(e: UsageEvent) -> dict[str, Any]:
         "latency_ms": e.latency_ms,
         "status": e.status,
     }
+    if not with_cost:
+        del row["cost_usd"]
+    return row
 
 
 def tenant_body(t: Tenant) -> dict[str, Any]:
@@ -65,7 +72,7 @@ def tenant_body(t: Tenant) -> dict[str, Any]:
         "name": t.name,
         "status": t.status,
         "rpm": t.rpm,
-        "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.2f}",
+        "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.6f}",
         "max_in_flight": t.max_in_flight,
         "route": t.route,
         "allowed_backends": t.allowed_backends,

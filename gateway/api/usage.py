@@ -32,12 +32,12 @@ def as_utc(value: datetime | None, *, param: str) -> datetime | None:
     return None if value is None else to_utc(value, param=param)
 
 
-def usage_list(events: Sequence[UsageEvent]) -> dict[str, Any]:
+def usage_list(events: Sequence[UsageEvent], *, with_cost: bool) -> dict[str, Any]:
     """Events plus totals over the billed (succeeded) ones."""
     billed = [e for e in events if e.status == "succeeded"]
     return {
         "object": "list",
-        "data": [usage_row(e) for e in events],
+        "data": [usage_row(e, with_cost=with_cost) for e in events],
         "summary": {
             "requests": len(events),
             "images": sum(e.images for e in billed),
@@ -92,4 +92,4 @@ async def my_usage_events(
         until=as_utc(until, param="until"),
         limit=limit,
     )
-    return usage_list(events)
+    return usage_list(events, with_cost=False)  # what a backend costs us is ours to know

@@ -66,6 +66,28 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What a backend's own health check said: ``up``, ``loading`` (answers, model not loaded yet), ``down``
+    (no answer, an error, or a model that failed to load; ``detail`` says which) or ``unchecked`` (no free check).
+    """
+
+    status: Literal["up", "loading", "down", "unchecked"]
+    detail: str | None = None
+
+
+@runtime_checkable
+class ProbedBackend(Backend, Protocol):
+    """A backend with a free health check, so a recovery is seen before a real request is risked on it.
+
+    Example::
+
+        probe = await backend.probe()  # Probe("down", "worker-1 cannot be reached (ConnectError)")
+    """
+
+    async def probe(self) -> Probe: ...
+
+
 @runtime_checkable
 class ProviderBackend(Backend, Protocol):
     """A backend whose jobs live at the provider, so a restarted gateway can re-attach to them.

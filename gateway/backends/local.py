@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from gateway.backends.base import ImageJob, ImageResult
+from gateway.backends.base import ImageJob, ImageResult, Probe
 from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
 from inference.runner import GenerateParams
 from inference.serving import GenerationQueue, NotLoaded, QueueFull
@@ -17,12 +19,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hidream_gateway.local")
 
+# Runners that have generated once. A runner several backends share (an app restarted in one process, the tests'
+# session runner) needs warming only the first time.
+_WARM: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def warm_up(runner: HiDreamRunner, *, variant: str) -> None:
+    """One small generation (one step, one image), so the first real request does not pay for first-call set-up.
+
+    The first call through a freshly loaded pipeline initialises what later calls reuse (CUDA kernels and
+    workspaces, the text encoders' and the VAE's first passes, the image encoder); a failure is only logged: the
+    model loaded, and a real request reports its own error.
+    """
+    if runner in _WARM:
+        return
+    started = time.perf_counter()
+    params = GenerateParams.of(
+        variant=variant, prompt="warm-up", width=1024, height=1024, seed=0, num_inference_steps=1
+    )
+    try:
+        runner.generate(params)
+    except Exception:
+        log.warning("the warm-up generation failed; serving anyway", exc_info=True)
+        return
+    _WARM.add(runner)
+    log.info("local model warmed up in %.1f s", time.perf_counter() - started)
+
 
 class LocalBackend:
     """Runs jobs on a HiDreamRunner in this process: one generation at a time, a bounded queue.
 
     Past ``queue_size`` waiting jobs, ``generate`` raises BackendBusy with a Retry-After estimated from
-    recent generation times.
+    recent generation times. The loader thread warms the model up (``warm_up``) before the backend is ready.
 
     Example::
 
@@ -36,7 +64,14 @@ class LocalBackend:
 
     def __init__(self, loader: Callable[[], HiDreamRunner], *, variants: frozenset[str], queue_size: int = 8) -> None:
         self.variants = variants
-        self.queue = GenerationQueue(loader, queue_size=queue_size)
+        self._loader = loader
+        self.queue = GenerationQueue(self._load_and_warm, queue_size=queue_size)
+
+    def _load_and_warm(self) -> HiDreamRunner:
+        runner = self._loader()
+        # A variant only picks the scheduler, and every runner has them all: the warm-up runs one step anyway.
+        warm_up(runner, variant="fast")
+        return runner
 
     def start(self) -> None:
         """Begin loading the model."""
@@ -52,8 +87,17 @@ class LocalBackend:
         """Jobs running or queued."""
         return self.queue.pending
 
+    async def probe(self) -> Probe:
+        """``up`` once the model has loaded and warmed up, ``loading`` until then, ``down`` if the load failed."""
+        if self.queue.ready:
+            return Probe("up")
+        error = self.queue.load_error
+        if error is not None:
+            return Probe("down", f"The local model is not available: the model failed to load: {error}"[:300])
+        return Probe("loading")
+
     async def ready(self) -> bool:
-        """True once the model has loaded."""
+        """True once the model has loaded and warmed up."""
         return self.queue.ready
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:

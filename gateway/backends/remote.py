@@ -15,7 +15,7 @@ import httpx
 from PIL import Image
 
 from gateway.backends.base import BackendInputError, ImageJob, ImageResult, ProviderBackend
-from gateway.errors import BackendBusy, BackendFailed, BackendUnavailable, GenerationTimeout
+from gateway.errors import BackendBusy, BackendFailed, BackendUnauthorized, BackendUnreachable, GenerationTimeout
 
 log = logging.getLogger("hidream_gateway.backends")
 T = TypeVar("T")
@@ -51,31 +51,32 @@ def check(resp: httpx.Response, backend: str) -> dict[str, Any]:
     """The JSON object of a successful answer, or the gateway error the answer means.
 
     422/400 are the input's fault (returned to the client, never retried elsewhere); 429 and 503 mean
-    "not now" (BackendBusy, with Retry-After); 401/403 mean our credentials are wrong (BackendUnavailable);
-    anything else, or a body that is not a JSON object, is a backend failure.
+    "not now" (BackendBusy, with Retry-After); 401/403 mean our credentials are wrong (BackendUnauthorized);
+    anything else, or a body that is not a JSON object, is a backend failure. Each carries the status.
     """
     status = resp.status_code
     if status in (400, 422):
-        raise BackendInputError(f"{backend} rejected the input: {_detail(resp)}")
+        raise BackendInputError(f"{backend} rejected the input: {_detail(resp)}", upstream_status=status)
     if status == 429 or (status == 503 and "retry-after" in resp.headers):
-        raise BackendBusy(f"{backend} is throttling or busy.", retry_after=retry_after(resp))
+        raise BackendBusy(f"{backend} is throttling or busy.", retry_after=retry_after(resp), upstream_status=status)
     if status in (401, 403):
-        raise BackendUnavailable(f"{backend} rejected the gateway's credentials ({status}).")
+        raise BackendUnauthorized(f"{backend} rejected the gateway's credentials ({status}).", upstream_status=status)
     if status >= 400:
-        raise BackendFailed(f"{backend} answered {status}: {_detail(resp)}")
+        raise BackendFailed(f"{backend} answered {status}: {_detail(resp)}", upstream_status=status)
     try:
         body = resp.json()
     except ValueError:
-        raise BackendFailed(f"{backend} answered {status} with a body that is not JSON.") from None
+        not_json = f"{backend} answered {status} with a body that is not JSON."
+        raise BackendFailed(not_json, upstream_status=status) from None
     if not isinstance(body, dict):
-        raise BackendFailed(f"{backend} answered {status} with JSON that is not an object.")
+        raise BackendFailed(f"{backend} answered {status} with JSON that is not an object.", upstream_status=status)
     return body
 
 
 async def send(
     client: httpx.AsyncClient, backend: str, method: str, url: str, *, submits: bool = False, **kwargs: Any
 ) -> dict[str, Any]:
-    """One request, translated by ``check``; transport errors become BackendUnavailable/BackendFailed.
+    """One request, translated by ``check``; transport errors become BackendUnreachable/BackendFailed.
 
     ``submits`` marks the call that carries the job's input: only there is a 400/422 the input's fault.
     Elsewhere (polls, results, cancels) it means the provider changed under us, so it fails over.
@@ -89,10 +90,12 @@ async def send(
             # A kept-alive connection the provider closed as we reused it: a read is safe to send once more, and
             # failing a job the provider has finished (and billed) over it would waste the work.
             resp = await client.request(method, url, **kwargs)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # before TimeoutException: it never answered at all
+        raise BackendUnreachable(f"{backend} cannot be reached ({type(exc).__name__}).") from exc
     except httpx.TimeoutException as exc:
-        raise BackendFailed(f"{backend} did not answer in time ({type(exc).__name__}).") from exc
-    except httpx.TransportError as exc:
-        raise BackendUnavailable(f"{backend} cannot be reached ({type(exc).__name__}).") from exc
+        raise GenerationTimeout(f"{backend} did not answer in time ({type(exc).__name__}).") from exc
+    except httpx.TransportError as exc:  # the connection dropped mid-answer, or the request could not be sent
+        raise BackendUnreachable(f"{backend} dropped the connection ({type(exc).__name__}).") from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:  # bad encoding, redirects, a URL it gave us
         raise BackendFailed(f"{backend} gave an unusable answer ({type(exc).__name__}).") from exc
     try:
@@ -100,7 +103,7 @@ async def send(
     except BackendInputError as exc:
         if submits:
             raise
-        raise BackendFailed(exc.message) from exc
+        raise BackendFailed(exc.message, upstream_status=exc.upstream_status) from exc
 
 
 def field(body: dict[str, Any], key: str, kind: type[T], backend: str) -> T:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import httpx
 
-from gateway.backends.base import ImageJob, ImageResult
+from gateway.backends.base import ImageJob, ImageResult, Probe
 from gateway.backends.remote import decode, field, send, with_deadline
 from gateway.errors import BackendFailed
 
@@ -49,20 +49,36 @@ class WorkerBackend:
         host = httpx.URL(self.url).host
         self.scales_to_zero = bool(modal_key and modal_secret) and (host == "modal.run" or host.endswith(".modal.run"))
 
-    async def ready(self) -> bool:
-        """The worker answers /health and has loaded its model (free: no generation).
+    async def probe(self) -> Probe:
+        """What the worker's /health says (free: no generation): up, loading, or down and why.
 
         A Modal endpoint is not probed: each probe is an input that would start a GPU container (and keep one
         billed through every readiness poll, defeating scale-to-zero) or wait behind generations for a slot.
         It is ready in the sense that matters, a request starts it; its circuit breaker judges it by real traffic.
         """
         if self.scales_to_zero:
-            return True
+            return Probe("unchecked")
         try:
             resp = await self._client.get(f"{self.url}/health", headers=self._headers, timeout=5)
-            return resp.status_code == 200 and resp.json().get("ready") is True
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+        except httpx.HTTPError as exc:
+            return Probe("down", f"{self.name} cannot be reached ({type(exc).__name__}).")
+        if resp.status_code in (401, 403):
+            return Probe("down", f"{self.name} rejected the gateway's credentials ({resp.status_code}).")
+        try:
+            body = resp.json() if resp.status_code == 200 else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return Probe("down", f"{self.name}'s health check answered {resp.status_code} without its JSON status.")
+        if body.get("ready") is True:
+            return Probe("up")
+        if body.get("load_error"):
+            return Probe("down", f"{self.name}'s model failed to load: {str(body['load_error'])[:200]}")
+        return Probe("loading")
+
+    async def ready(self) -> bool:
+        """The worker has loaded its model (a Modal endpoint always: a request starts it)."""
+        return (await self.probe()).status in ("up", "unchecked")
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
         body = asdict(job) | {"timeout_s": max(1.0, timeout - 1.0)}

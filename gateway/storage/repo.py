@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,7 +46,9 @@ async def get_tenant(session: AsyncSession, *, tenant_id: str) -> Tenant | None:
 
 
 async def find_tenant_by_name(session: AsyncSession, *, name: str) -> Tenant | None:
-    result = await session.scalars(select(Tenant).where(Tenant.name == name).order_by(Tenant.created_at))
+    """The tenant called ``name`` in any case: names are unique regardless of case (index uq_tenants_name_lower)."""
+    # lower() on both sides, in the database, so the comparison is the one the unique index makes.
+    result = await session.scalars(select(Tenant).where(func.lower(Tenant.name) == func.lower(name)))
     return result.first()
 
 
@@ -115,6 +117,7 @@ async def finish_prediction(
     expected: Sequence[str] = ("processing",),
     lease_owner: str | None = None,
     logs: str | None = None,
+    attempt_log: list[dict[str, Any]] | None = None,
 ) -> bool:
     """Settle a prediction: mark it terminal and write its one usage event, in the caller's transaction.
 
@@ -146,6 +149,7 @@ async def finish_prediction(
             width=width,
             height=height,
             attempts=attempts,
+            attempt_log=attempt_log,
         )
     )
     won = settled.first()
