@@ -236,7 +236,8 @@ class HealthBoard:
             if status == "misconfigured":  # the setting's name is for the operator, not the tenant
                 reasons.append(f"{name} is misconfigured")
             elif status in ("open", "degraded") and not h.breaker.admits(now):
-                reasons.append(f"{name} is {status}" + (f" ({h.last_error})" if h.last_error else ""))
+                # Not why (last_error): that came from another tenant's job, and may quote it or the provider.
+                reasons.append(f"{name} is {status}")
             elif status == "loading":
                 reasons.append(f"{name} is loading its model")
             elif h.throttled_until > now:

@@ -173,7 +173,9 @@ async def revoke_key(key_id: KeyId, session: SessionDep, state: StateDep) -> dic
 @router.get("/backends")
 async def backends(state: StateDep) -> dict[str, Any]:
     """Every backend: kind, variants, state (as /readyz names it), circuit, latency, in flight, last error."""
-    await probe_all(state.health, state.backends)  # the state shown is as of now, not of the last request
+    # Only backends already in doubt are probed here: an unauthenticated flood of /readyz (or this) must not be able
+    # to trip a healthy backend's breaker with a slow health check and send its traffic to a dearer provider.
+    await probe_all(state.health, state.backends, doubtful_only=True)
     health = state.health.snapshot()
     data = [
         {

@@ -23,12 +23,12 @@ REDIS_DOWN = "unreachable: rate limits are per-process until it is back"
 
 
 async def backend_checks(state: AppState) -> dict[str, str]:
-    """Each backend's state, after probing every one that has a health check (the answers move its breaker).
+    """Each backend's state, after probing the ones already in doubt (never a healthy one: see /admin/backends).
 
     ``up``, ``degraded`` (recent failures, or half-open: the next request is its trial), ``open`` (down, or failing:
     not routed to until it recovers), ``loading`` (answers, model not loaded yet) or ``misconfigured``.
     """
-    await probe_all(state.health, state.backends)
+    await probe_all(state.health, state.backends, doubtful_only=True)
     return {backend.name: state.health.status(backend.name) for backend in state.backends}
 
 
