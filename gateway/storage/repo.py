@@ -19,7 +19,6 @@ from gateway.storage.models import (
     Prediction,
     StoredFile,
     Tenant,
-    TenantSpend,
     UsageEvent,
     is_id,
     utcnow,
@@ -225,14 +224,6 @@ async def list_usage(
 def month_key(at: datetime) -> str:
     """The spend bucket of a moment: its UTC calendar month."""
     return at.astimezone(UTC).strftime("%Y-%m")
-
-
-async def month_spend(session: AsyncSession, *, tenant_id: str, month: str) -> Decimal:
-    """What a tenant has been billed in ``month`` (``YYYY-MM``)."""
-    spent = await session.scalar(
-        select(TenantSpend.spent_usd).where(TenantSpend.tenant_id == tenant_id, TenantSpend.month == month)
-    )
-    return Decimal(spent or 0)
 
 
 async def shared_secret(session: AsyncSession, *, name: str, candidate: str) -> str:
