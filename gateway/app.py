@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -14,7 +16,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.api import admin, files, health, images, predictions, usage, webhooks
+from gateway.api import admin, console, files, health, images, predictions, usage, webhooks
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
 from gateway.backends.config import Misconfigured, misconfigured, variants_of
@@ -22,6 +24,8 @@ from gateway.backends.fal import FalBackend
 from gateway.backends.local import LocalBackend
 from gateway.backends.replicate import ReplicateBackend
 from gateway.backends.worker import WorkerBackend
+from gateway.console.pages import ConsoleHeadersMiddleware
+from gateway.console.sessions import FailedSignIns
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
 from gateway.health import HealthBoard, probe_forever
@@ -169,7 +173,8 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             health.register(backend.name, max_in_flight=max_in_flight(backend, settings), problem=problem)
         sessions = session_factory(engine)
         file_store = build_file_store(settings)
-        signer = UrlSigner(await url_signing_key(settings, sessions), ttl_seconds=settings.url_ttl_seconds)
+        signing_key = await url_signing_key(settings, sessions)
+        signer = UrlSigner(signing_key, ttl_seconds=settings.url_ttl_seconds)
         runner = JobRunner(
             sessions=sessions,
             backends=active,
@@ -207,6 +212,10 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             limits=limits,
             outbound=outbound,
             metrics=metrics,
+            # A key of its own for the console's CSRF tokens: an HMAC of the shared URL-signing key, so a token can
+            # never double as a file signature, and every replica computes the same one.
+            console_key=hmac.new(signing_key, b"hdg-console-csrf", hashlib.sha256).digest(),
+            sign_ins=FailedSignIns(settings.console_sign_in_failures),
         )
         await jobs.start()
         delivering = asyncio.create_task(sender.run_forever(jobs.webhook_wake), name="webhook deliveries")
@@ -232,7 +241,9 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
     install_error_handlers(app)
     for module in (health, images, predictions, webhooks, files, usage, admin):
         app.include_router(module.router)
+    console.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ConsoleHeadersMiddleware)  # outside the body limit: its 413 pages get the headers too
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it times and counts every answer, 413s too
     return app

@@ -368,7 +368,7 @@ def worker(host: Host = "127.0.0.1", port: Port = 9000) -> None:
 
 @app.command()
 def demo(host: Host = "127.0.0.1", port: Port = 8000) -> None:
-    """Create (or reuse) the tenant named demo, give it a fresh key, serve, and print a curl line once ready."""
+    """Create (or reuse) the demo tenant, give it a fresh key, serve; once ready print curl lines and /console."""
     settings = _settings()
     server = launch.gateway_app(settings)  # first: a misconfigured backend stops the demo before any slow step
     launch.prepare(settings)
@@ -400,7 +400,8 @@ def demo(host: Host = "127.0.0.1", port: Port = 8000) -> None:
         port=port,
         when_ready=f"\nThe gateway is ready. Demo tenant {tenant_id}; API key (shown once): {api_key}\n\n"
         f"Generate an image (JSON with a signed URL):\n  {curl}\n\n"
-        f"Generate and save it as demo.png:\n  {save}\n",
+        f"Generate and save it as demo.png:\n  {save}\n\n"
+        f"Or open the console, sign in with the key, and try the Playground:\n  {base}/console\n",
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +13,31 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hidream_gateway")
+
+# Credentials an upstream might echo back in an error body: an Authorization value (Bearer/Key/Token/Basic), a
+# Replicate token (r8_...), a fal key (key_id:key_secret), Modal proxy credentials (wk-..., ws-...).
+CREDENTIALS = re.compile(
+    r"(?i)\b(?:(?<=bearer )|(?<=basic )|(?<=token )|(?<=key ))[^\s\"',;]{6,}"
+    r"|\br8_\w+"
+    r"|\b[\w-]{6,}:[\w-]{12,}\b"
+    r"|\bw[ks]-\w{8,}"
+)
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with anything shaped like a provider credential replaced by ``***``.
+
+    For the backend's own words kept for admins (an attempt's ``detail``, /admin/backends' ``last_error``): the
+    gateway never puts a credential in an error, but a provider's error body might quote the one it was sent.
+    """
+    return CREDENTIALS.sub("***", text)
+
+
+def tenant_attempts(entries: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """A job's attempt list as its tenant sees it: each entry without ``detail`` (the backend's words, for admins)."""
+    if entries is None:
+        return None
+    return [{k: v for k, v in entry.items() if k != "detail"} for entry in entries]
 
 
 class ConfigurationError(Exception):
@@ -56,7 +83,8 @@ class GatewayError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {"message", "type", "param", "code"}}``, plus ``attempts`` when backends were
-        tried (an extension: each is ``{"backend", "outcome", "status", "message"}``).
+        tried (an extension: each is ``{"backend", "outcome", "status", "message"}``, ``message`` a fixed phrase per
+        outcome; an admin-only ``detail`` is never sent).
         """
         error: dict[str, Any] = {
             "message": self.message,
@@ -65,7 +93,7 @@ class GatewayError(Exception):
             "code": self.code,
         }
         if self.attempts is not None:
-            error["attempts"] = self.attempts
+            error["attempts"] = tenant_attempts(self.attempts)
         return {"error": error}
 
 
@@ -222,7 +250,7 @@ def problem_response(exc: GatewayError) -> JSONResponse:
         "detail": exc.message,
     }
     if exc.attempts is not None:  # an extension member, as RFC 7807 allows: every backend tried, in order
-        body["attempts"] = exc.attempts
+        body["attempts"] = tenant_attempts(exc.attempts)
     if status == 422 and exc.param:
         body["invalid_fields"] = [{"type": exc.code or "invalid", "field": exc.param, "description": exc.message}]
     return JSONResponse(body, status_code=status, headers=exc.headers, media_type="application/problem+json")

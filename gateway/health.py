@@ -3,9 +3,12 @@ plus recent latency, in-flight count and throttling.
 
 Real traffic opens a breaker (``failure_threshold`` consecutive failures) and closes it (a half-open trial that
 succeeds). A backend with a free health check (a ``ProbedBackend``: a worker's /health, the local model's loader) is
-probed as well: a failed probe opens its breaker at once, and a good probe of an open breaker makes it half-open at
-once, so the next real request is its trial and a recovered backend serves within one probe interval. Providers have
-no free check: their breakers move on traffic and time alone, so probing never costs a paid generation.
+probed as well: a failed probe opens its breaker at once. A good probe makes an open breaker half-open at once only
+if a probe saw the backend down (or loading) since the breaker opened: that backend went away and came back, so the
+next real request is its trial and it serves within one probe interval. A breaker that traffic opened while the
+health check kept passing (the check is fine, generations fail) waits out its open period: a passing check says
+nothing new there. Providers have no free check: their breakers move on traffic and time alone, so probing never
+costs a paid generation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.backends.base import Backend, Probe, ProbedBackend
+from gateway.errors import redact_credentials
 
 log = logging.getLogger("hidream_gateway.health")
 
@@ -41,6 +45,9 @@ class CircuitBreaker:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     trial_in_flight: bool = False
+    # A health probe found the backend down (or loading) since the breaker last opened: the only case in which a good
+    # probe may end the open period early.
+    seen_down: bool = False
 
     def current(self, now: float) -> State:
         """The state at ``now`` (open turns half-open once its time is up)."""
@@ -56,6 +63,16 @@ class CircuitBreaker:
         if self.current(now) == "half_open":
             self.trial_in_flight = True
 
+    def claim(self, now: float) -> bool:
+        """``admits`` and ``on_start`` as one step: True, with a half-open breaker's only trial slot taken.
+
+        Synchronous on purpose: with no await between the check and the take, two jobs cannot both see the slot free.
+        """
+        if not self.admits(now):
+            return False
+        self.on_start(now)
+        return True
+
     def on_success(self) -> None:
         self.state, self.consecutive_failures, self.trial_in_flight = "closed", 0, False
 
@@ -66,13 +83,23 @@ class CircuitBreaker:
         self.trial_in_flight = False
 
     def trip(self, now: float) -> None:
-        """Open now, whatever the count: the backend's own health check says it cannot serve."""
-        self.state, self.opened_at, self.trial_in_flight = "open", now, False
+        """Open now (traffic failed ``failure_threshold`` times, or a trial failed), restarting the open period."""
+        self.state, self.opened_at, self.trial_in_flight, self.seen_down = "open", now, False, False
 
-    def recovered(self, now: float) -> None:
-        """An open breaker whose backend's health check passed: half-open now, without waiting out the timer."""
-        if self.current(now) == "open":
-            self.state = "half_open"
+    def down(self, now: float) -> None:
+        """A health check says the backend cannot serve: open now, whatever the count, and remember it was seen down."""
+        self.trip(now)
+        self.seen_down = True
+
+    def recovered(self, now: float) -> bool:
+        """A good health check: half-open now, without waiting out the timer, if a check saw the backend down since
+        the breaker opened. True if it did so. Otherwise the breaker keeps its open period: the check passing says
+        nothing about the failures that opened it.
+        """
+        if self.current(now) == "open" and self.seen_down:
+            self.state, self.seen_down = "half_open", False
+            return True
+        return False
 
 
 @dataclass
@@ -137,17 +164,27 @@ class HealthBoard:
         return h.breaker.current(self.clock()) == "open"
 
     @contextmanager
-    def attempt(self, name: str) -> Iterator[None]:
-        """Count an attempt in flight for its duration (and take a half-open breaker's trial slot)."""
+    def attempt(self, name: str, *, admitted: bool = False) -> Iterator[bool]:
+        """Admit an attempt on ``name`` and count it in flight for the block; yields whether it was admitted.
+
+        The admission check and the taking of a half-open breaker's only trial slot are one synchronous step, so
+        concurrent jobs cannot both get the trial. ``admitted=True`` skips the check (re-attaching to a provider
+        job already running there, which must be waited on whatever the breaker says).
+        """
         h = self.backends[name]
-        h.breaker.on_start(self.clock())
+        now = self.clock()
+        if admitted:
+            h.breaker.on_start(now)
+        elif h.problem is not None or not h.breaker.claim(now):
+            yield False
+            return
         h.in_flight += 1
         try:
-            yield
+            yield True
         finally:
             h.in_flight -= 1
-            # No verdict (cancelled, or the caller has not judged the answer yet): free the trial slot so
-            # the breaker cannot stay half-open with its only slot taken forever.
+            # The verdict (success, failure, throttled) is given inside the block; without one (cancelled), this
+            # frees the trial slot so the breaker cannot stay half-open with its only slot taken forever.
             h.breaker.trial_in_flight = False
 
     def success(self, name: str, seconds: float | None) -> None:
@@ -162,10 +199,12 @@ class HealthBoard:
         h = self.backends[name]
         h.breaker.on_failure(self.clock())
         h.failures += 1
-        h.last_error = error[:300]
+        h.last_error = redact_credentials(error)[:300]
 
     def probed(self, name: str, probe: Probe) -> None:
-        """Take a health check's answer: ``down`` opens the breaker now, ``up`` makes an open one half-open now."""
+        """Take a health check's answer: ``down`` opens the breaker now; ``up`` makes an open one half-open now if a
+        probe saw the backend down or loading since it opened (a recovered backend), else leaves its timer running.
+        """
         h = self.backends[name]
         now = self.clock()
         h.probe = probe
@@ -173,11 +212,12 @@ class HealthBoard:
         if probe.status == "down":
             if h.breaker.current(now) != "open":
                 log.warning("%s is down: %s", name, probe.detail)
-            h.breaker.trip(now)
+            h.breaker.down(now)
             h.last_error = (probe.detail or "its health check failed")[:300]
-        elif probe.status == "up" and h.breaker.current(now) == "open":
+        elif probe.status == "loading" and h.breaker.current(now) == "open":
+            h.breaker.seen_down = True  # restarting: once it is up, it is a recovered backend
+        elif probe.status == "up" and h.breaker.recovered(now):
             log.info("%s answers its health check again: half-open, the next request is its trial", name)
-            h.breaker.recovered(now)
 
     def throttled(self, name: str, retry_after: float) -> None:
         """The backend said "not now": skip it until Retry-After passes (at most MAX_THROTTLE_SECONDS).
@@ -192,8 +232,8 @@ class HealthBoard:
     def recovery_in(self, name: str) -> float | None:
         """Seconds until ``name`` can likely take a job (0: now), or None if it cannot until it is reconfigured.
 
-        The longest of what holds it back: an open breaker (for a backend with a health check, the next probe, which
-        can make it half-open; else the breaker's timer), a trial in flight, a model loading, a throttle, a full slot.
+        The longest of what holds it back: an open breaker (for a backend a probe saw down, the next probe, which can
+        make it half-open; else the breaker's timer), a trial in flight, a model loading, a throttle, a full slot.
         """
         h = self.backends[name]
         if h.problem is not None:
@@ -203,7 +243,7 @@ class HealthBoard:
         breaker = h.breaker.current(now)
         if breaker == "open":
             left = h.breaker.open_seconds - (now - h.breaker.opened_at)
-            waits.append(min(left, self.probe_seconds) if h.checked else left)
+            waits.append(min(left, self.probe_seconds) if h.checked and h.breaker.seen_down else left)
         elif breaker == "half_open" and h.breaker.trial_in_flight:
             waits.append(h.latency_s or GUESSED_LATENCY_S)
         if h.probe is not None and h.probe.status == "loading":

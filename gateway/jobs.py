@@ -30,6 +30,8 @@ from gateway.errors import (
     GatewayError,
     GenerationTimeout,
     InvalidRequest,
+    redact_credentials,
+    tenant_attempts,
 )
 from gateway.health import HealthBoard
 from gateway.metering import backend_cost_usd, price_usd
@@ -78,13 +80,41 @@ OnLog = Callable[
 def error_from(prediction: Prediction) -> GatewayError:
     """The error a failed or canceled job reports, rebuilt from its stored code, message and attempts."""
     message = prediction.error or f"The prediction was {prediction.status}."
-    attempts = prediction.attempt_log
+    attempts = tenant_attempts(prediction.attempt_log)
     if prediction.status == "canceled":
         return GatewayError(message, code="canceled", attempts=attempts)
     kind = ERRORS.get(prediction.error_code or "", BackendFailed)
     if issubclass(kind, BackendBusy | BackendUnavailable):
         return kind(message, retry_after=RETRY_AFTER_GUESS, attempts=attempts)
     return kind(message, attempts=attempts)
+
+
+# What a tenant is told of an attempt that failed: a fixed phrase per outcome. The backend's own words (a provider's
+# error body, another system's internals) are kept for admins only, as the entry's ``detail``, and in the logs.
+PHRASES: dict[str, str] = {
+    "unauthorized": "its credentials were refused",
+    "unreachable": "the connection failed",
+    "timeout": "the backend timed out",
+    "busy": "the backend is at capacity",
+    "unavailable": "the backend is not ready",
+    "failed": "the backend failed",
+}
+
+
+def phrase(error: GatewayError) -> str:
+    """The tenant's words for how an attempt ended in ``error``: a fixed phrase, with the provider's status if any.
+
+    An input error keeps its own text: it is about the tenant's input, and the tenant needs it to fix the request.
+    """
+    if error.outcome == "invalid_input":
+        return error.message
+    status = error.upstream_status
+    words = PHRASES.get(error.outcome, PHRASES["failed"])
+    if error.outcome == "unauthorized" and status is not None:
+        return f"the backend answered {status}: {words}"
+    if error.outcome == "failed" and status is not None:  # a 5xx, or a 2xx whose body was not what it should be
+        return f"the backend answered {status}" if status >= 400 else "the backend's answer was unusable"
+    return words
 
 
 @dataclass
@@ -99,18 +129,23 @@ class Attempt:
         self.outcome, self.error = outcome, error
 
     def as_json(self) -> dict[str, Any]:
-        """``{"backend", "outcome", "status", "message"}``: ``status`` is the provider's HTTP status, if any."""
+        """``{"backend", "outcome", "status", "message", "detail"}``, as stored in ``predictions.attempt_log``.
+
+        ``status`` is the provider's HTTP status, if any; ``message`` the tenant's fixed phrase; ``detail`` the
+        backend's own words (capped, credentials redacted), for admins only: ``tenant_attempts`` drops it.
+        """
         error = self.error
         return {
             "backend": self.backend,
             "outcome": self.outcome,
             "status": error.upstream_status if error is not None else None,
-            "message": error.message[:500] if error is not None else None,
+            "message": phrase(error) if error is not None else None,
+            "detail": redact_credentials(error.message)[:500] if error is not None else None,
         }
 
 
 def attempt_log(attempts: Sequence[Attempt]) -> list[dict[str, Any]]:
-    """Every attempt of a job, in order, as stored on its row and shown to its client."""
+    """Every attempt of a job, in order, as stored on its row (with each one's admin-only ``detail``)."""
     return [a.as_json() for a in attempts]
 
 
@@ -120,33 +155,40 @@ def final_error(attempts: Sequence[Attempt], *, out_of_time: bool) -> GatewayErr
     The job's own time ran out: 504. Otherwise any attempt that failed upstream (credentials refused, unreachable,
     connection dropped, a 5xx, a malformed answer, a failed provider job): 502, and the message names the first of
     them. Otherwise attempts that ran past their time: 504. Otherwise every backend tried was at capacity,
-    throttling or not ready: 503 with Retry-After. The error carries every attempt.
+    throttling or not ready: 503 with Retry-After. The error carries every attempt, in the tenant's view: each
+    attempt's fixed phrase, never the backend's own words.
     """
-    log = attempt_log(attempts)
-    errors = [a.error for a in attempts if a.error is not None]
-    refused: list[GatewayError] = [e for e in errors if isinstance(e, BackendBusy | BackendUnavailable)]
-    timeouts: list[GatewayError] = [e for e in errors if isinstance(e, GenerationTimeout)]
-    upstream = [e for e in errors if e not in refused and e not in timeouts]
+    shown = tenant_attempts(attempt_log(attempts))
+    failed = [a for a in attempts if a.error is not None]
+    refused = [a for a in failed if isinstance(a.error, BackendBusy | BackendUnavailable)]
+    timeouts = [a for a in failed if isinstance(a.error, GenerationTimeout)]
+    upstream = [a for a in failed if a not in refused and a not in timeouts]
     if out_of_time:
         first = next(iter(upstream + timeouts + refused), None)
-        reason = f" The first failure: {first.message}" if first is not None else ""
-        return GenerationTimeout(f"No backend finished in time.{reason}", attempts=log)
+        reason = f" The first failure: {_said(first)}." if first is not None else ""
+        return GenerationTimeout(f"No backend finished in time.{reason}", attempts=shown)
     if upstream:
-        return BackendFailed(_naming(upstream[0], len(attempts)), attempts=log)
+        return BackendFailed(_naming(upstream[0], len(attempts)), attempts=shown)
     if timeouts:
-        return GenerationTimeout(_naming(timeouts[0], len(attempts)), attempts=log)
+        return GenerationTimeout(_naming(timeouts[0], len(attempts)), attempts=shown)
     if not refused:
-        return GenerationTimeout("No time was left to try a backend.", attempts=log)
-    waits = [e.retry_after for e in refused if isinstance(e, BackendBusy | BackendUnavailable) and e.retry_after]
-    retry_after = min(waits) if waits else RETRY_AFTER_GUESS
-    kind = BackendBusy if any(isinstance(e, BackendBusy) for e in refused) else BackendUnavailable
-    return kind(_naming(refused[0], len(attempts)), retry_after=retry_after, attempts=log)
+        return GenerationTimeout("No time was left to try a backend.", attempts=shown)
+    waits = [e.retry_after for a in refused if isinstance(e := a.error, BackendBusy | BackendUnavailable)]
+    retry_after = min((w for w in waits if w), default=RETRY_AFTER_GUESS)
+    kind = BackendBusy if any(isinstance(a.error, BackendBusy) for a in refused) else BackendUnavailable
+    return kind(_naming(refused[0], len(attempts)), retry_after=retry_after, attempts=shown)
 
 
-def _naming(cause: GatewayError, attempts: int) -> str:
+def _said(attempt: Attempt) -> str:
+    """``fal: the backend answered 500``: an attempt in the tenant's words."""
+    assert attempt.error is not None
+    return f"{attempt.backend}: {phrase(attempt.error)}"
+
+
+def _naming(cause: Attempt, attempts: int) -> str:
+    sentence = f"{_said(cause)}."
     if attempts <= 1:
-        return cause.message
-    sentence = cause.message if cause.message.endswith(".") else f"{cause.message}."
+        return sentence
     return f"{sentence} None of the {attempts} attempts succeeded; each is listed in attempts."
 
 
@@ -337,7 +379,8 @@ class JobRunner:
             # A previous runner had submitted it: wait on that job instead of paying for another.
             await self._log(p, owner, logs, f"Re-attached to the job on {attached.name}.")
             attempts.append(tried := Attempt(attached.name))
-            outcome = await self._attempt(attached, job, p, owner, ref=p.provider_ref)
+            with self.health.attempt(attached.name, admitted=True):
+                outcome = await self._attempt(attached, job, p, owner, ref=p.provider_ref)
             if isinstance(outcome, ImageResult):
                 tried.end("succeeded")
                 return attached, outcome
@@ -350,16 +393,20 @@ class JobRunner:
                 raise final_error(attempts, out_of_time=False) from None
             raise Deferred(await self._defer(p, owner, exc.retry_after)) from None
         for backend in candidates:
-            if not self.health.admits(backend.name):
-                continue
-            attempts.append(tried := Attempt(backend.name))
-            await self._log(p, owner, logs, f"Attempt {len(attempts)} on {backend.name}.")
-            outcome = await self._attempt(backend, job, p, owner, ref=None)  # an input error ends the job here
+            # Admitted and its slot taken in one step (a half-open backend's single trial): the awaits below would
+            # otherwise let another job pass the same check before this one takes the slot.
+            with self.health.attempt(backend.name) as admitted:
+                if not admitted:
+                    continue
+                attempts.append(tried := Attempt(backend.name))
+                await self._log(p, owner, logs, f"Attempt {len(attempts)} on {backend.name}.")
+                outcome = await self._attempt(backend, job, p, owner, ref=None)  # an input error ends the job here
             if isinstance(outcome, ImageResult):
                 tried.end("succeeded")
                 return backend, outcome
             tried.end(outcome.outcome, outcome)
-            await self._log(p, owner, logs, f"{backend.name} failed: {outcome.message}")
+            # The job's logs are the tenant's to read: the fixed phrase, not the backend's words.
+            await self._log(p, owner, logs, f"{backend.name} failed: {phrase(outcome)}.")
         if not attempts:  # every candidate became ineligible (another request took a trial slot)
             raise Deferred(await self._defer(p, owner, 2))
         raise final_error(attempts, out_of_time=False)
@@ -369,29 +416,29 @@ class JobRunner:
     ) -> ImageResult | GatewayError:
         """One try on one backend: its result, or the error to fail over with (health is updated either way).
 
-        An input error is raised instead: it would fail the same way everywhere.
+        Called inside ``health.attempt`` (the caller took the slot). An input error is raised instead: it would fail
+        the same way everywhere.
         """
         t0 = time.monotonic()
         timeout = self.attempt_timeout
         try:
-            with self.health.attempt(backend.name):
-                if isinstance(backend, ProviderBackend):
-                    if ref is None:
-                        # The attempt's time covers the submit too: a provider that never answers it is a timeout.
-                        ref = await with_deadline(
-                            backend.submit(job, timeout=timeout), timeout=timeout, backend=backend.name
-                        )
-                        # Committed before waiting: a restart re-attaches to this job instead of submitting again.
-                        await self._hold(p, owner, backend.name, ref)
-                    try:
-                        left = max(0.0, timeout - (time.monotonic() - t0))
-                        result = await backend.collect(job, ref, timeout=left)
-                    except GatewayError:
-                        await backend.cancel(ref)  # it may still be running, and billing
-                        await self._hold(p, owner, backend.name, None)
-                        raise
-                else:
-                    result = await backend.generate(job, timeout=timeout)
+            if isinstance(backend, ProviderBackend):
+                if ref is None:
+                    # The attempt's time covers the submit too: a provider that never answers it is a timeout.
+                    ref = await with_deadline(
+                        backend.submit(job, timeout=timeout), timeout=timeout, backend=backend.name
+                    )
+                    # Committed before waiting: a restart re-attaches to this job instead of submitting again.
+                    await self._hold(p, owner, backend.name, ref)
+                try:
+                    left = max(0.0, timeout - (time.monotonic() - t0))
+                    result = await backend.collect(job, ref, timeout=left)
+                except GatewayError:
+                    await backend.cancel(ref)  # it may still be running, and billing
+                    await self._hold(p, owner, backend.name, None)
+                    raise
+            else:
+                result = await backend.generate(job, timeout=timeout)
         except BackendInputError:
             self.health.success(backend.name, None)  # the backend is fine; the input is not
             self._count(backend, "invalid_input", t0)
@@ -401,7 +448,7 @@ class JobRunner:
             self._count(backend, "busy", t0)
             return exc
         except GatewayError as exc:
-            log.warning("attempt on %s failed: %s", backend.name, exc.message)
+            log.warning("attempt on %s failed: %s", backend.name, redact_credentials(exc.message))
             self.health.failure(backend.name, exc.message)
             self._count(backend, "timeout" if isinstance(exc, GenerationTimeout) else "failed", t0)
             return exc
@@ -559,7 +606,7 @@ class JobRunner:
             elif a.outcome == "running" and error is not None:
                 a.end(error.outcome, error)
         if error is not None and error.attempts is None:
-            error.attempts = attempt_log(attempts)
+            error.attempts = tenant_attempts(attempt_log(attempts))
         try:
             won = await self._settle_retrying(
                 p,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from gateway.errors import tenant_attempts
 from gateway.storage.files import UrlSigner
 from gateway.storage.models import Prediction, StoredFile
 from inference.variants import VARIANTS, Variant
@@ -64,8 +65,8 @@ def prediction_json(
         "logs": p.logs or "",
         "error": p.error if p.status == "failed" else None,
         # An extension: every backend tried, once the prediction has ended (null before); ``error`` stays the string
-        # Replicate's clients read.
-        "attempts": p.attempt_log,
+        # Replicate's clients read. The tenant's view: each attempt's phrase, not the backend's words (``detail``).
+        "attempts": tenant_attempts(p.attempt_log),
         "status": status or p.status,
         "created_at": iso(p.created_at),
         "started_at": iso(p.started_at),

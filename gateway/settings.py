@@ -168,6 +168,17 @@ class Settings(BaseSettings):
     output_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     output_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    # The web console (/console).
+    console_session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 30, description="how long a console sign-in lasts before it must be repeated"
+    )
+    console_secure_cookie: bool = Field(
+        default=False, description="always mark the console cookie Secure (it is whenever the request is https)"
+    )
+    console_sign_in_failures: int = Field(
+        default=10, ge=1, description="failed console sign-ins allowed per client address per minute"
+    )
+
     @field_validator("url_signing_secret")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.auth import ApiKeyAuthenticator
 from gateway.backends.base import Backend
+from gateway.console.sessions import FailedSignIns
 from gateway.engine import Engine
 from gateway.health import HealthBoard
 from gateway.jobs import JobRunner
@@ -33,3 +34,7 @@ class AppState:
     limits: RateLimits
     outbound: NetworkPolicy
     metrics: Metrics
+    # The web console: the key its CSRF tokens are made with (derived from the URL-signing key, so every replica
+    # has it), and failed sign-ins per client address.
+    console_key: bytes = b""
+    sign_ins: FailedSignIns = field(default_factory=lambda: FailedSignIns(10))

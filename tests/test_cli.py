@@ -185,7 +185,7 @@ def test_tables_show_cells_whole_and_as_written(env: dict[str, str]) -> None:
     assert table.returncode == 0
     for tenant, name in zip(made, (long_name, markup), strict=True):
         [row] = [line for line in table.stdout.splitlines() if tenant["tenant_id"] in line]
-        assert name in row and "0.015000" in row
+        assert name in row and "0.015" in row and "0.015000" not in row
 
 
 # --- usage events ----------------------------------------------------------------------------------------------
@@ -332,6 +332,15 @@ def test_demo_prints_the_key_once_ready_and_reuses_the_demo_tenant(tmp_path: Pat
         assert generated.status_code == 200, generated.text
         curl = [lines.get(timeout=5) for _ in range(3)][-1]
         assert f"curl -s {url}/v1/images/generations -H 'Authorization: Bearer {api_key.strip()}'" in curl
+        # The console's address follows; the printed key signs in there (the newcomer's path without docs).
+        console = ""
+        while not console.strip().startswith("http"):
+            console = lines.get(timeout=5)
+        assert console.strip() == f"{url}/console"
+        with httpx.Client(base_url=url) as browser:
+            signed_in = browser.post("/console/sign-in", data={"token": api_key.strip()})
+            assert signed_in.status_code == 303 and signed_in.headers["location"] == "/console/overview"
+            assert browser.get("/console/playground").status_code == 200
         logged = Path(log.name).read_text()
         assert "Migrating the database..." in logged and "Built the tiny model" in logged
     finally:

@@ -165,6 +165,10 @@ def test_circuit_opens_skips_the_broken_backend_then_a_good_health_probe_recover
 
     skipped = gw.generate(key)  # open: not even tried
     assert (skipped.headers["X-HDG-Backend"], skipped.headers["X-HDG-Attempts"]) == ("replicate", "1")
+    deadline = time.monotonic() + 10
+    while _backends(gw)["worker"]["probe"] != "down":  # the prober, asking an open backend, finds it gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
     worker_app.start()
     time.sleep(1.0)  # a few probe intervals: the probe that finds it back makes it half-open

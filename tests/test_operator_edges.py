@@ -38,9 +38,9 @@ def test_numbers_must_be_numbers(sqlite_gateway: Gateway) -> None:
 
 def test_budgets_show_as_enforced_and_both_key_routes_name_the_key_id(sqlite_gateway: Gateway) -> None:
     tenant = sqlite_gateway.create_tenant(monthly_budget_usd="0.015")
-    assert tenant["tenant"]["monthly_budget_usd"] == "0.015000"  # not rounded to 0.02
+    assert tenant["tenant"]["monthly_budget_usd"] == "0.015"  # not rounded to 0.02, no trailing zeros
     listed = sqlite_gateway.admin("GET", "/admin/tenants").json()["data"]
-    assert [t["monthly_budget_usd"] for t in listed] == ["0.015000"]
+    assert [t["monthly_budget_usd"] for t in listed] == ["0.015"]
     created = sqlite_gateway.admin("POST", f"/admin/tenants/{tenant['tenant_id']}/keys").json()
     assert created["key_id"] == created["id"] and created["key_id"].startswith("key_")
     assert tenant["key_id"].startswith("key_")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,16 @@ MISSING_TOKEN = "replicate is enabled (HDG_BACKENDS) but REPLICATE_API_TOKEN is 
 
 
 @pytest.fixture(autouse=True)
-def _no_provider_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a test leaves out must be missing, whatever the environment running the tests holds."""
-    for name in ("REPLICATE_API_TOKEN", "FAL_KEY", "HDG_REPLICATE_API_TOKEN", "HDG_FAL_KEY", "HDG_OPTIONAL_BACKENDS"):
+def _no_gateway_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a test leaves out must be missing, whatever the environment running the tests holds: every ``HDG_*``
+    setting and the provider variables read without the prefix (a developer's HDG_BACKENDS, FAL_KEY, ...)."""
+    for name in [n for n in os.environ if n.startswith("HDG_")] + ["REPLICATE_API_TOKEN", "FAL_KEY"]:
         monkeypatch.delenv(name, raising=False)
+
+
+def test_the_environment_running_the_tests_is_cleared() -> None:
+    assert not [n for n in os.environ if n.startswith("HDG_") or n in ("REPLICATE_API_TOKEN", "FAL_KEY")]
+    assert Settings().backends == Settings.model_fields["backends"].get_default(call_default_factory=True)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +58,10 @@ def _no_provider_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
             {"backends": ["worker"], "worker_urls": ["https://me--hidream.modal.run"], "modal_key": "wk-1"},
             "HDG_MODAL_KEY and HDG_MODAL_SECRET go together",
         ),
+        (
+            {"backends": ["worker"], "worker_urls": ["ftp://alice:s3cret@gpu-1:9000/x"]},
+            "HDG_WORKER_URLS entry 'ftp://***@gpu-1:9000/x' is not an http(s) URL",
+        ),
         ({"backends": ["local"], "local_model": "/no/such/HiDream-I1-Fast"}, "HDG_LOCAL_MODEL '/no/such/HiDream"),
         # Optional elsewhere does not make this one optional.
         ({"backends": ["fal", "replicate"], "optional_backends": ["fal"]}, MISSING_TOKEN),
@@ -64,6 +75,7 @@ def test_a_backend_that_cannot_work_stops_create_app_before_anything_starts(
         create_app(settings)
     message = str(raised.value)
     assert line in message and "\n" not in message
+    assert "s3cret" not in message  # a URL's password is never echoed
     kind = fields["backends"][-1]
     assert message.endswith(f"fix it, or add {kind} to HDG_OPTIONAL_BACKENDS to start without it")
     assert not (tmp_path / "data").exists()  # refused before the database or anything else was touched

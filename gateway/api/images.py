@@ -6,6 +6,7 @@ import asyncio
 import base64
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,11 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
 from gateway.api.serialize import Text
 from gateway.api.submit import idempotency, wait_while_connected
+from gateway.auth import Principal
 from gateway.backends.base import ImageJob
 from gateway.engine import JobSpec
-from gateway.errors import GenerationTimeout, InvalidRequest, ModelNotFound, NotFound
-from gateway.jobs import error_from
+from gateway.errors import GenerationTimeout, InvalidRequest, ModelNotFound, NotFound, tenant_attempts
+from gateway.jobs import Finished, error_from
+from gateway.limits import Decision
 from gateway.routing import Route
+from gateway.state import AppState
 from gateway.storage import repo
 from gateway.storage.files import FileMissing
 from gateway.storage.models import Prediction, StoredFile
@@ -118,20 +122,29 @@ def resolve_route(header: str | None, default: str, state: StateDep) -> Route:
     return route
 
 
-@router.post("/v1/images/generations")
-async def create_image(
-    body: ImageGenerationRequest,
-    principal: PrincipalDep,
-    state: StateDep,
-    request: Request,
-    response: Response,
-    route_header: Annotated[str | None, Header(alias="X-HDG-Route")] = None,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> Any:
-    """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions).
+@dataclass(frozen=True)
+class Generated:
+    """A generation that succeeded, as ``generate_image`` hands it to the route (or the console) that asked."""
 
-    The job is committed before it runs; this call waits on it. With an ``Idempotency-Key``, a retry after a
-    timeout or a dropped connection gets the same job (and one charge) instead of a second one.
+    done: Finished
+    replayed: bool  # an earlier request with the same Idempotency-Key made it
+    rate: Decision | None  # the rpm window after this request, when a limit applies
+    base_url: str
+
+
+async def generate_image(
+    body: ImageGenerationRequest,
+    *,
+    principal: Principal,
+    state: AppState,
+    request: Request,
+    route_header: str | None = None,
+    idempotency_key: str | None = None,
+) -> Generated | None:
+    """Check, submit and wait on one image request: the path every generation takes (limits, budgets, routing,
+    billing), whether it came as JSON or from the console's playground.
+
+    Returns None when the client hung up first; raises the job's error when it did not succeed.
     """
     variant = variant_for_model(body.model)
     if variant is None:
@@ -150,8 +163,6 @@ async def create_image(
     idem = await idempotency(request, idempotency_key)
 
     rate = await state.limits.check(principal)
-    if rate is not None:
-        response.headers.update(rate.headers())
 
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     job = ImageJob(
@@ -193,12 +204,44 @@ async def create_image(
         keep_going=idem is not None,
     )
     if done is None:  # the client is gone; nobody reads this
-        return Response(status_code=499)
+        return None
     p = done.prediction
     if p.status != "succeeded":
         if p.status in ("starting", "processing"):
             raise GenerationTimeout(f"Generation {p.id} did not finish in time.")
         raise done.error or error_from(p)
+    return Generated(done=done, replayed=submitted.replayed, rate=rate, base_url=base_url)
+
+
+@router.post("/v1/images/generations")
+async def create_image(
+    body: ImageGenerationRequest,
+    principal: PrincipalDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+    route_header: Annotated[str | None, Header(alias="X-HDG-Route")] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    """Generate ``n`` images and answer in OpenAI's shape (plus ``id``, ``size``, ``seed`` extensions).
+
+    The job is committed before it runs; this call waits on it. With an ``Idempotency-Key``, a retry after a
+    timeout or a dropped connection gets the same job (and one charge) instead of a second one.
+    """
+    generated = await generate_image(
+        body,
+        principal=principal,
+        state=state,
+        request=request,
+        route_header=route_header,
+        idempotency_key=idempotency_key,
+    )
+    if generated is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
+    done, base_url = generated.done, generated.base_url
+    if generated.rate is not None:
+        response.headers.update(generated.rate.headers())
+    p = done.prediction
     b64 = body.response_format == "b64_json"
     images = done.images
     if b64 and images is None:  # made by another replica, or an earlier request with the same key
@@ -213,7 +256,7 @@ async def create_image(
     response.headers["X-HDG-Backend"] = p.backend or ""
     response.headers["X-HDG-Attempts"] = str(p.attempts)
     response.headers["X-HDG-Prediction-Id"] = p.id
-    if submitted.replayed:
+    if generated.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return _prediction_body(p, data, p.params.get("output_format", body.output_format))
 
@@ -239,5 +282,6 @@ async def get_generation(
     )
     if p.error:
         body["error"] = p.error
-    body["attempt_log"] = p.attempt_log  # every backend tried, once it has ended ("attempts" is their count)
+    # Every backend tried, once it has ended ("attempts" is their count), without the admins' ``detail``.
+    body["attempt_log"] = tenant_attempts(p.attempt_log)
     return body

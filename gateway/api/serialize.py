@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
@@ -66,13 +67,24 @@ def usage_row(e: UsageEvent, *, with_cost: bool = True) -> dict[str, Any]:
     return row
 
 
+def usd_text(amount: Decimal | None) -> str | None:
+    """A budget as written: exact, without trailing zeros, with at least cents (0.015, 10.00, 0.10).
+
+    Still a string in JSON, so no client reads it through a float.
+    """
+    if amount is None:
+        return None
+    whole, _, fraction = format(amount, "f").partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
 def tenant_body(t: Tenant) -> dict[str, Any]:
     return {
         "id": t.id,
         "name": t.name,
         "status": t.status,
         "rpm": t.rpm,
-        "monthly_budget_usd": None if t.monthly_budget_usd is None else f"{t.monthly_budget_usd:.6f}",
+        "monthly_budget_usd": usd_text(t.monthly_budget_usd),
         "max_in_flight": t.max_in_flight,
         "route": t.route,
         "allowed_backends": t.allowed_backends,
@@ -89,6 +101,6 @@ def key_body(k: ApiKey) -> dict[str, Any]:
         "created_at": k.created_at.isoformat(),
         "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
         "rpm": k.rpm,
-        "monthly_budget_usd": None if k.monthly_budget_usd is None else f"{k.monthly_budget_usd:.6f}",
+        "monthly_budget_usd": usd_text(k.monthly_budget_usd),
         "max_in_flight": k.max_in_flight,
     }

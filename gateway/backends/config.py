@@ -31,6 +31,15 @@ FAL_APP = re.compile(r"[\w.-]+/[\w./-]+")
 VARIANTS = frozenset({"full", "dev", "fast"})
 
 
+# ``scheme://user:pass@`` at the start of a URL, even one httpx cannot parse: the part a message must not echo.
+USERINFO = re.compile(r"^(?P<scheme>[^:/?#\s]*://)?(?P<userinfo>[^/?#\s]*)@")
+
+
+def redact_userinfo(value: str) -> str:
+    """``value`` with a URL's ``user:pass@`` shown as ``***@``: start-up messages go to terminals and logs."""
+    return USERINFO.sub(lambda m: f"{m.group('scheme') or ''}***@", value, count=1)
+
+
 def _url_problem(setting: str, value: str) -> str | None:
     """Why ``value`` (from ``setting``) is not an http(s) URL with a host, or None."""
     try:
@@ -38,7 +47,7 @@ def _url_problem(setting: str, value: str) -> str | None:
     except (httpx.InvalidURL, TypeError):
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 80) < 65536:
-        return f"{setting} {value!r} is not an http(s) URL such as https://host:port"
+        return f"{setting} {redact_userinfo(value)!r} is not an http(s) URL such as https://host:port"
     return None
 
 

@@ -271,3 +271,23 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsoleSession(Base):
+    """A signed-in browser of the web console: a tenant's key or the admin token, exchanged for a cookie.
+
+    Only the cookie's SHA-256 is stored. Every console request re-reads the row (and, for a tenant, its key and
+    tenant), so a session works on every replica and ends at once when its key is revoked or the admin token changes.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("cs"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(8))  # tenant | admin
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    # SHA-256 of the admin token signed in with: an admin session ends when HDG_ADMIN_TOKEN changes.
+    admin_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +15,7 @@ from gateway.storage import ledger
 from gateway.storage.models import (
     ApiKey,
     Base,
+    ConsoleSession,
     GatewaySecret,
     Prediction,
     StoredFile,
@@ -236,3 +237,52 @@ async def shared_secret(session: AsyncSession, *, name: str, candidate: str) -> 
     value = await session.scalar(select(GatewaySecret.value).where(GatewaySecret.name == name))
     assert value is not None  # inserted above, or by whoever won
     return value
+
+
+async def add_console_session(
+    session: AsyncSession,
+    *,
+    token_hash: str,
+    role: str,
+    expires_at: datetime,
+    tenant_id: str | None = None,
+    api_key_id: str | None = None,
+    admin_fingerprint: str | None = None,
+) -> ConsoleSession:
+    """Record a console sign-in; the cookie itself is never stored, only its hash."""
+    row = ConsoleSession(
+        token_hash=token_hash,
+        role=role,
+        tenant_id=tenant_id,
+        api_key_id=api_key_id,
+        admin_fingerprint=admin_fingerprint,
+        created_at=utcnow(),
+        expires_at=expires_at,
+    )
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def find_console_session(
+    session: AsyncSession, *, token_hash: str
+) -> tuple[ConsoleSession, ApiKey | None, Tenant | None] | None:
+    """A console session by its cookie's hash, with its key and tenant (None for an admin session)."""
+    stmt = (
+        select(ConsoleSession, ApiKey, Tenant)
+        .outerjoin(ApiKey, ApiKey.id == ConsoleSession.api_key_id)
+        .outerjoin(Tenant, Tenant.id == ConsoleSession.tenant_id)
+        .where(ConsoleSession.token_hash == token_hash)
+    )
+    row = (await session.execute(stmt)).first()
+    return (row[0], row[1], row[2]) if row is not None else None
+
+
+async def delete_console_session(session: AsyncSession, *, session_id: str) -> None:
+    await session.execute(delete(ConsoleSession).where(ConsoleSession.id == session_id))
+
+
+async def purge_console_sessions(session: AsyncSession, *, now: datetime) -> int:
+    """Delete the sessions that have expired; returns how many."""
+    result = await session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at <= now))
+    return int(getattr(result, "rowcount", 0) or 0)

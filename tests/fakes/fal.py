@@ -102,6 +102,7 @@ class _Job:
     seed: int
     processing_s: float
     fail: bool
+    error_text: str | None = None  # what its failure says, when faults.error_text set one
     created: float = field(default_factory=time.monotonic)
     created_wall: float = field(default_factory=time.time)
     cancelled: bool = False
@@ -118,7 +119,7 @@ class _Job:
         if self.cancelled:
             return "Request was cancelled", "request_cancelled"
         if self.fail:
-            return "Model inference failed: the runner crashed while generating", RUNNER_ERROR
+            return self.error_text or "Model inference failed: the runner crashed while generating", RUNNER_ERROR
         return None
 
     def inference_s(self) -> float:
@@ -207,7 +208,7 @@ class FakeFal:
             headers = {"Retry-After": str(faults.retry_after_s)}
             return JSONResponse({"detail": "Too many requests"}, status_code=429, headers=headers)
         if faults.roll_error():
-            return _error(500, "Internal server error", RUNNER_ERROR)
+            return _error(500, faults.error_text or "Internal server error", RUNNER_ERROR)
         if faults.malformed:
             return Response("<html><body>upstream sent garbage</body></html>", media_type="text/html")
         return None
@@ -255,7 +256,9 @@ class FakeFal:
             return _validation_error(exc)
         request_id = str(uuid.uuid4())
         seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**31)
-        job = _Job(request_id, app_id, parsed, seed, self.faults.processing_s, self.faults.fail_jobs)
+        job = _Job(
+            request_id, app_id, parsed, seed, self.faults.processing_s, self.faults.fail_jobs, self.faults.error_text
+        )
         self._jobs[request_id] = job
         self.requests[request_id] = {
             "app_id": app_id,
@@ -303,7 +306,8 @@ class FakeFal:
         if job.cancelled:
             return _error(400, "Request was cancelled", "request_cancelled")
         if job.fail:
-            return _error(500, "Model inference failed: the runner crashed while generating", RUNNER_ERROR)
+            failure = job.error_text or "Model inference failed: the runner crashed while generating"
+            return _error(500, failure, RUNNER_ERROR)
         return JSONResponse(self._output(request, job))
 
     def _output(self, request: Request, job: _Job) -> dict[str, Any]:

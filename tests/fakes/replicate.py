@@ -289,7 +289,7 @@ class FakeReplicate:
                 headers = {"Retry-After": str(wait_s)}
                 return JSONResponse({"detail": detail, "status": 429}, status_code=429, headers=headers)
             if faults.roll_error():
-                return problem(500, "Internal Server Error", "An unexpected error occurred.")
+                return problem(500, "Internal Server Error", faults.error_text or "An unexpected error occurred.")
             if faults.malformed:
                 # Truncated JSON under a JSON content type, so a client cannot dodge it by checking the header.
                 return Response('{"id": "', media_type="application/json")
@@ -456,5 +456,6 @@ class FakeReplicate:
         if status == "succeeded":
             prediction["output"] = f"{self.output_base or self.url}/files/{prediction['id']}.{plan.fmt}"
         elif status == "failed":
-            prediction["error"] = FAILURE
-            prediction["logs"] += f"Traceback (most recent call last):\n{FAILURE}\n"
+            failure = self.faults.error_text or FAILURE
+            prediction["error"] = failure
+            prediction["logs"] += f"Traceback (most recent call last):\n{failure}\n"

@@ -85,6 +85,7 @@ class Faults:
     - ``output_404``: output image URLs answer 404.
     - ``fail_jobs``: jobs end in the provider's failed state (a model error, not an HTTP error).
     - ``processing_s``: how long a job takes from creation to success.
+    - ``error_text``: the provider's words in the errors the two above make (None: its usual ones).
     """
 
     latency_s: float = 0.0
@@ -96,6 +97,7 @@ class Faults:
     output_404: bool = False
     fail_jobs: bool = False
     processing_s: float = 0.0
+    error_text: str | None = None
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

@@ -1,0 +1,540 @@
+"""The web console at /console: server-rendered pages for tenants and the admin, on the same services as the API.
+
+Sign-in exchanges a key or the admin token (in a POST body, never a URL) for an HttpOnly, SameSite=Strict cookie;
+every page re-checks the session in the database (gateway/console/sessions.py). Every POST after sign-in carries a
+CSRF token, and any POST whose Origin is another site's is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+
+from gateway.api.deps import public_base_url
+from gateway.api.images import MAX_SEED, ImageGenerationRequest, generate_image
+from gateway.auth import Principal, hash_key, issue_key
+from gateway.backends.base import ImageJob
+from gateway.console import sessions
+from gateway.console.charts import series_class, stacked_bars
+from gateway.console.pages import STATIC_TYPES, FormError, code_samples, parse_form, render, static_file
+from gateway.console.sessions import COOKIE, COOKIE_PATH, ENDED, SessionEnded, Viewer
+from gateway.console.views import (
+    attempt_lines,
+    backend_stats,
+    budget,
+    daily_usage,
+    keys_with_last_use,
+    recent_failures,
+    recent_predictions,
+    tenants_overview,
+    usd,
+)
+from gateway.errors import GatewayError
+from gateway.health import probe_all
+from gateway.metering import price_usd
+from gateway.state import AppState
+from gateway.storage import repo
+from gateway.storage.models import is_id
+from gateway.webhooks import tenant_secret
+from inference.variants import MODEL_IDS, RESOLUTIONS
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+TENANT_NAV = [
+    ("Overview", "/console/overview"),
+    ("Playground", "/console/playground"),
+    ("Predictions", "/console/predictions"),
+    ("Keys", "/console/keys"),
+    ("Webhooks", "/console/webhooks"),
+]
+ADMIN_NAV = [
+    ("Tenants", "/console/admin"),
+    ("Backends", "/console/admin/backends"),
+    ("Failures", "/console/admin/failures"),
+]
+SIZES = [f"{w}x{h}" for w, h in RESOLUTIONS]
+DEFAULT_SIZE, DEFAULT_MODEL = "1024x1024", "hidream-i1-fast"
+MAX_STEPS = 100
+
+
+class Leave(Exception):
+    """Ends a console request with ``response`` (to sign-in, a 403 page): raised from dependencies."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def install(app: FastAPI) -> None:
+    """Add the console's routes and its one exception handler to ``app``."""
+
+    async def leave(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Leave)
+        return exc.response
+
+    app.add_exception_handler(Leave, leave)
+    app.include_router(router)
+
+
+# -- plumbing ------------------------------------------------------------------------------------------------------
+
+
+def state_of(request: Request) -> AppState:
+    state: AppState = request.app.state.hdg
+    return state
+
+
+def error_page(status: int, title: str, message: str, *, headers: dict[str, str] | None = None) -> Response:
+    """A page that says what went wrong, with a way back; no navigation (the viewer may not be known)."""
+    return render("error.html", status_code=status, headers=headers, title=title, message=message)
+
+
+def clear_cookie(response: Response) -> Response:
+    response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
+    return response
+
+
+def to_sign_in(reason: str | None) -> Response:
+    """303 to the sign-in page, clearing the cookie; ``reason`` (a key of ENDED, no secret) says why."""
+    where = "/console/sign-in" + (f"?ended={reason}" if reason else "")
+    return clear_cookie(RedirectResponse(where, status_code=303))
+
+
+def home(viewer: Viewer) -> str:
+    return "/console/admin" if viewer.is_admin else "/console/overview"
+
+
+def own_origin(request: Request, state: AppState) -> set[str]:
+    """The origins this console is served on: the request's own, and HDG_PUBLIC_URL's."""
+    origins = {f"{request.url.scheme}://{request.url.netloc}"}
+    if state.settings.public_url:
+        public = state.settings.public_url.rstrip("/")
+        origins.add("/".join(public.split("/", 3)[:3]))
+    return origins
+
+
+def check_origin(request: Request, state: AppState) -> None:
+    """Refuse a POST another site's page sent: a foreign Origin, or Sec-Fetch-Site saying cross-site."""
+    origin = request.headers.get("origin")
+    site = request.headers.get("sec-fetch-site")
+    if origin == "null":
+        # Under Referrer-Policy: no-referrer a browser sends "Origin: null" with its own same-origin form POSTs
+        # too; then Sec-Fetch-Site (which a page cannot forge) says where the form came from.
+        foreign = site not in (None, "same-origin")
+    else:
+        foreign = origin is not None and origin not in own_origin(request, state)
+    if foreign or site == "cross-site":
+        raise Leave(error_page(403, "Forbidden", "This form was sent from another site, so it was refused."))
+
+
+async def current_viewer(request: Request) -> Viewer:
+    """The signed-in viewer, checked against the database now; anyone else goes to the sign-in page."""
+    state = state_of(request)
+    token = state.settings.admin_token
+    try:
+        async with state.sessions() as session:
+            return await sessions.resolve(
+                session, cookie=request.cookies.get(COOKIE), admin_token=token.get_secret_value() if token else None
+            )
+    except SessionEnded as ended:
+        raise Leave(to_sign_in(ended.reason)) from None
+
+
+ViewerDep = Annotated[Viewer, Depends(current_viewer)]
+
+
+async def tenant_viewer(viewer: ViewerDep) -> Viewer:
+    if viewer.is_admin:  # the admin has no tenant pages of its own
+        raise Leave(RedirectResponse("/console/admin", status_code=303))
+    return viewer
+
+
+async def admin_viewer(viewer: ViewerDep) -> Viewer:
+    if not viewer.is_admin:
+        raise Leave(error_page(403, "Forbidden", "These pages are for the gateway's admin."))
+    return viewer
+
+
+TenantDep = Annotated[Viewer, Depends(tenant_viewer)]
+AdminDep = Annotated[Viewer, Depends(admin_viewer)]
+
+
+async def read_form(request: Request, state: AppState, viewer: Viewer | None) -> dict[str, str]:
+    """The POSTed form, after the origin check and (signed in) the CSRF check; 400 or 403 pages otherwise."""
+    check_origin(request, state)
+    try:
+        form = parse_form(await request.body(), request.headers.get("content-type"))
+    except FormError as exc:
+        raise Leave(error_page(400, "Bad request", f"This request could not be read: {exc}.")) from None
+    if viewer is not None and not sessions.csrf_ok(state.console_key, viewer.cookie, form.get("csrf")):
+        raise Leave(
+            error_page(403, "Forbidden", "This form has expired or did not come from this console. Reload the page.")
+        )
+    return form
+
+
+def page(template: str, request: Request, viewer: Viewer, *, status_code: int = 200, **context: Any) -> Response:
+    """A page of the signed-in console: its layout needs the viewer, the navigation and the CSRF token."""
+    state = state_of(request)
+    return render(
+        template,
+        status_code=status_code,
+        headers=context.pop("headers", None),
+        viewer=viewer,
+        nav=ADMIN_NAV if viewer.is_admin else TENANT_NAV,
+        path=request.url.path,
+        csrf=sessions.csrf_token(state.console_key, viewer.cookie),
+        **context,
+    )
+
+
+# -- sign-in -------------------------------------------------------------------------------------------------------
+
+
+@router.get("")
+async def console_root(request: Request) -> Response:
+    """Wherever the viewer belongs: sign-in, the tenant's overview or the admin's tenants."""
+    viewer = await current_viewer(request)
+    return RedirectResponse(home(viewer), status_code=303)
+
+
+def sign_in_form(*, status_code: int = 200, error: str | None = None, notice: str | None = None, **kw: Any) -> Response:
+    return render("sign_in.html", status_code=status_code, error=error, notice=notice, **kw)
+
+
+@router.get("/sign-in")
+async def sign_in_page(request: Request, ended: str | None = None) -> Response:
+    try:
+        viewer = await current_viewer(request)
+    except Leave:
+        return sign_in_form(notice=ENDED.get(ended or ""))
+    return RedirectResponse(home(viewer), status_code=303)
+
+
+@router.post("/sign-in")
+async def sign_in(request: Request) -> Response:
+    """A key or the admin token for a session cookie; failures are counted per client address and throttled."""
+    state = state_of(request)
+    form = await read_form(request, state, None)
+    client = request.client.host if request.client else "unknown"
+    wait = state.sign_ins.blocked_for(client)
+    if wait:
+        return sign_in_form(
+            status_code=429,
+            error=f"Too many failed sign-ins from your address; try again in {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
+    given = form.get("token", "").strip()
+    if not given:
+        return sign_in_form(status_code=400, error="Enter an API key or the admin token.")
+    admin = state.settings.admin_token
+    hours = state.settings.console_session_hours
+    async with state.sessions.begin() as session:
+        if admin is not None and sessions.is_admin_token(given, admin.get_secret_value()):
+            cookie, _ = await sessions.start_admin_session(session, admin_token=given, hours=hours)
+            where = "/console/admin"
+        else:
+            found = await repo.find_key_by_hash(session, key_hash=hash_key(given))
+            # The lookup is by hash; compare again in constant time so no change to it can become an oracle.
+            if found is None or not hmac.compare_digest(found[0].key_hash, hash_key(given)):
+                state.sign_ins.failed(client)
+                return sign_in_form(status_code=401, error="That key or token was not recognised.")
+            key, tenant = found
+            if key.revoked_at is not None:
+                state.sign_ins.failed(client)
+                return sign_in_form(status_code=403, error="This API key has been revoked.")
+            if tenant.status != "active":
+                return sign_in_form(status_code=403, error="This tenant is disabled.")
+            cookie, _ = await sessions.start_tenant_session(session, key=key, hours=hours)
+            where = "/console/overview"
+    response = RedirectResponse(where, status_code=303)
+    secure = request.url.scheme == "https" or state.settings.console_secure_cookie
+    response.set_cookie(
+        COOKIE,
+        cookie,
+        max_age=int(hours * 3600),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+    )
+    return response
+
+
+@router.post("/sign-out")
+async def sign_out(request: Request, viewer: ViewerDep) -> Response:
+    state = state_of(request)
+    await read_form(request, state, viewer)
+    async with state.sessions.begin() as session:
+        await repo.delete_console_session(session, session_id=viewer.row.id)
+    return to_sign_in("signed-out")
+
+
+# -- tenant pages --------------------------------------------------------------------------------------------------
+
+
+@router.get("/overview")
+async def overview(request: Request, viewer: TenantDep, by: str = "model") -> Response:
+    """Budget this month, and images and spend per day of the last 30, by model or backend."""
+    if by not in ("model", "backend"):
+        return error_page(400, "Bad request", "'by' must be 'model' or 'backend'.")
+    assert viewer.tenant is not None
+    state, now = state_of(request), datetime.now(UTC)
+    async with state.sessions() as session:
+        money = await budget(session, tenant=viewer.tenant, now=now)
+        usage = await daily_usage(session, tenant_id=viewer.tenant.id, by=by, now=now)
+    images_chart = stacked_bars(
+        title="Images per day",
+        days=usage.days,
+        series=usage.series,
+        value=lambda day, name: usage.images.get((day, name), 0),
+        label=lambda v: f"{v:g}",
+        whole=True,
+    )
+    spend_chart = stacked_bars(
+        title="Spend per day (USD)",
+        days=usage.days,
+        series=usage.series,
+        value=lambda day, name: usage.spend.get((day, name), 0),
+        label=lambda v: usd(round(v), micros=True),
+    )
+    return page(
+        "overview.html",
+        request,
+        viewer,
+        budget=money,
+        usage=usage,
+        by=by,
+        images_chart=images_chart,
+        spend_chart=spend_chart,
+        series_class=series_class,
+    )
+
+
+def playground_defaults() -> dict[str, str]:
+    return {"prompt": "", "model": DEFAULT_MODEL, "size": DEFAULT_SIZE, "seed": "", "steps": ""}
+
+
+def playground(request: Request, viewer: Viewer, *, status_code: int = 200, **context: Any) -> Response:
+    context.setdefault("values", playground_defaults())
+    context.setdefault("errors", {})
+    return page(
+        "playground.html",
+        request,
+        viewer,
+        status_code=status_code,
+        models=sorted(MODEL_IDS),
+        sizes=SIZES,
+        max_seed=MAX_SEED,
+        max_steps=MAX_STEPS,
+        **context,
+    )
+
+
+@router.get("/playground")
+async def playground_page(request: Request, viewer: TenantDep) -> Response:
+    return playground(request, viewer)
+
+
+def _whole(text: str, low: int, high: int) -> int | None:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+def check_playground(values: dict[str, str], max_chars: int) -> tuple[dict[str, str], ImageGenerationRequest | None]:
+    """The form's problems by field, or the request it makes (the API's own checks then apply as well)."""
+    errors: dict[str, str] = {}
+    prompt = values["prompt"]
+    if not prompt.strip():
+        errors["prompt"] = "Enter a prompt."
+    elif len(prompt) > max_chars:
+        errors["prompt"] = f"The prompt is {len(prompt)} characters long; the limit is {max_chars}."
+    elif "\x00" in prompt:
+        errors["prompt"] = "The prompt must not contain NUL characters."
+    if values["model"] not in MODEL_IDS:
+        errors["model"] = "Choose one of the listed models."
+    if values["size"] not in SIZES:
+        errors["size"] = "Choose one of the listed sizes."
+    seed = _whole(values["seed"], 0, MAX_SEED) if values["seed"] else None
+    if values["seed"] and seed is None:
+        errors["seed"] = f"The seed must be a whole number from 0 to {MAX_SEED}, or empty for a random one."
+    steps = _whole(values["steps"], 1, MAX_STEPS) if values["steps"] else None
+    if values["steps"] and steps is None:
+        errors["steps"] = f"Steps must be a whole number from 1 to {MAX_STEPS}, or empty for the model's default."
+    if errors:
+        return errors, None
+    body = ImageGenerationRequest(
+        prompt=prompt, model=values["model"], size=values["size"], seed=seed, num_inference_steps=steps
+    )
+    return {}, body
+
+
+@router.post("/playground")
+async def generate(request: Request, viewer: TenantDep) -> Response:
+    """One image through the same path as POST /v1/images/generations, with this session's tenant and key."""
+    state = state_of(request)
+    form = await read_form(request, state, viewer)
+    values = {name: form.get(name, default).strip() for name, default in playground_defaults().items()}
+    values["prompt"] = form.get("prompt", "")  # kept as typed
+    errors, body = check_playground(values, state.settings.max_prompt_chars)
+    if body is None:
+        return playground(request, viewer, status_code=400, values=values, errors=errors)
+    assert viewer.tenant is not None and viewer.key is not None
+    principal = Principal(tenant=viewer.tenant, key=viewer.key)
+    try:
+        generated = await generate_image(body, principal=principal, state=state, request=request)
+    except GatewayError as exc:
+        state.metrics.refused(exc.code)
+        field = exc.param if exc.param in values else None
+        return playground(
+            request,
+            viewer,
+            status_code=exc.status_code,
+            headers=exc.headers or None,
+            values=values,
+            errors={field: exc.message} if field else {},
+            failure=None if field else exc.message,
+        )
+    if generated is None:  # the browser went away; nobody reads this
+        return Response(status_code=499)
+    p = generated.done.prediction
+    image = state.signer.sign("", generated.done.files[0].id)  # relative: the page's own origin (CSP img-src 'self')
+    samples = code_samples(
+        base_url=public_base_url(request, state),
+        model=p.model,
+        prompt=p.prompt,
+        size=f"{p.width}x{p.height}",
+        seed=p.seed,
+        steps=body.num_inference_steps,
+    )
+    return playground(request, viewer, values=values, result=p, image_url=image, samples=samples)
+
+
+@router.get("/predictions")
+async def predictions_page(request: Request, viewer: TenantDep) -> Response:
+    assert viewer.tenant is not None
+    state = state_of(request)
+    async with state.sessions() as session:
+        rows = await recent_predictions(session, tenant_id=viewer.tenant.id)
+    thumbs = {r.prediction.id: state.signer.sign("", r.thumbnail.id) for r in rows if r.thumbnail is not None}
+    return page("predictions.html", request, viewer, rows=rows, thumbs=thumbs)
+
+
+async def keys_page(
+    request: Request, viewer: Viewer, *, new_key: str | None = None, status_code: int = 200
+) -> Response:
+    assert viewer.tenant is not None
+    async with state_of(request).sessions() as session:
+        rows = await keys_with_last_use(session, tenant_id=viewer.tenant.id)
+    return page("keys.html", request, viewer, status_code=status_code, rows=rows, new_key=new_key)
+
+
+@router.get("/keys")
+async def keys(request: Request, viewer: TenantDep) -> Response:
+    return await keys_page(request, viewer)
+
+
+@router.post("/keys")
+async def create_key(request: Request, viewer: TenantDep) -> Response:
+    """A new key, shown in this response only (never through a redirect, so never in a URL or a history entry)."""
+    state = state_of(request)
+    await read_form(request, state, viewer)
+    assert viewer.tenant is not None
+    async with state.sessions.begin() as session:
+        _, plaintext = await issue_key(session, tenant_id=viewer.tenant.id)
+    return await keys_page(request, viewer, new_key=plaintext, status_code=201)
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, request: Request, viewer: TenantDep) -> Response:
+    """Revoke one of the tenant's keys (another tenant's, or no key at all, is a 404); the API refuses it at once."""
+    state = state_of(request)
+    await read_form(request, state, viewer)
+    assert viewer.tenant is not None
+    async with state.sessions.begin() as session:
+        key = await repo.get_key(session, key_id=key_id) if is_id(key_id, "key") else None
+        if key is None or key.tenant_id != viewer.tenant.id:
+            return error_page(404, "Not found", "There is no such key.")
+        await repo.revoke_key(session, key_id=key.id)
+    state.authenticator.clear()  # this process's API cache; other replicas within HDG_AUTH_CACHE_SECONDS
+    return RedirectResponse("/console/keys", status_code=303)
+
+
+@router.get("/webhooks")
+async def webhooks_page(request: Request, viewer: TenantDep) -> Response:
+    assert viewer.tenant is not None
+    async with state_of(request).sessions.begin() as session:
+        secret = await tenant_secret(session, tenant_id=viewer.tenant.id)
+    return page("webhooks.html", request, viewer, secret=secret)
+
+
+# -- admin pages ---------------------------------------------------------------------------------------------------
+
+
+@router.get("/admin")
+@router.get("/admin/tenants")
+async def admin_tenants(request: Request, viewer: AdminDep) -> Response:
+    async with state_of(request).sessions() as session:
+        rows = await tenants_overview(session, now=datetime.now(UTC))
+    return page("admin_tenants.html", request, viewer, rows=rows)
+
+
+@router.get("/admin/backends")
+async def admin_backends(request: Request, viewer: AdminDep) -> Response:
+    """Each backend's state (as /readyz names it), load, latency, error rate, prices and this month's cost."""
+    state = state_of(request)
+    await probe_all(state.health, state.backends, doubtful_only=True)  # only those in doubt, as /admin/backends
+    health = state.health.snapshot()
+    now = datetime.now(UTC)
+    async with state.sessions() as session:
+        stats = await backend_stats(session, names=[b.name for b in state.backends], now=now)
+    sample = ImageJob(variant="fast", prompt="", width=1024, height=1024, seed=0)
+    price = price_usd(state.runner.prices, model="hidream-i1-fast", width=1024, height=1024, images=1)
+    rows = [
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "state": health[b.name]["state"],
+            "in_flight": health[b.name]["in_flight"],
+            "max_in_flight": health[b.name]["max_in_flight"],
+            "stats": stats[b.name],
+            "price": price,
+            "cost": state.runner.cost(b, sample) if "fast" in b.variants else None,
+        }
+        for b in state.backends
+    ]
+    return page("admin_backends.html", request, viewer, rows=rows)
+
+
+@router.get("/admin/failures")
+async def admin_failures(request: Request, viewer: AdminDep) -> Response:
+    async with state_of(request).sessions() as session:
+        rows = await recent_failures(session)
+    return page("admin_failures.html", request, viewer, rows=rows, attempt_lines=attempt_lines)
+
+
+# -- static files and unknown pages --------------------------------------------------------------------------------
+
+
+@router.get("/static/{name}")
+async def static(name: str, v: str | None = None) -> Response:
+    """The stylesheet and the script, from the package; cached for a year when asked for by their current hash."""
+    if name not in STATIC_TYPES:
+        return error_page(404, "Not found", "There is no such file.")
+    data, digest = static_file(name)
+    cache = "public, max-age=31536000, immutable" if v == digest else "no-cache"
+    return Response(data, media_type=STATIC_TYPES[name], headers={"Cache-Control": cache})
+
+
+@router.get("/{rest:path}")
+async def unknown(rest: str) -> Response:
+    if not rest:  # /console/
+        return RedirectResponse("/console", status_code=303)
+    return error_page(404, "Not found", "There is no such page in the console.")

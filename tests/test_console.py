@@ -1,0 +1,533 @@
+"""The web console over real HTTP: sign-in and sessions, CSRF, every page, the playground's one billed image."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import logging
+import re
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from gateway.console.pages import CSP
+from tests.conftest import ADMIN_TOKEN, Gateway, GatewayFactory, fal_only
+from tests.fakes.fal import FakeFal
+
+CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
+NEW_KEY = re.compile(r'aria-label="New API key">(hdg_[A-Za-z0-9_-]+)<')
+
+
+def browser(gw: Gateway) -> httpx.Client:
+    """A client with its own cookie jar, like one browser; redirects are left to the test, to see them."""
+    return httpx.Client(base_url=gw.url, timeout=120, follow_redirects=False)
+
+
+def sign_in(gw: Gateway, token: str) -> httpx.Client:
+    client = browser(gw)
+    resp = client.post("/console/sign-in", data={"token": token})
+    assert resp.status_code == 303, resp.text
+    return client
+
+
+def csrf_of(client: httpx.Client, path: str = "/console/keys") -> str:
+    page = client.get(path)
+    assert page.status_code == 200, page.text
+    match = CSRF.search(page.text)
+    assert match is not None
+    return match[1]
+
+
+def text_of(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment)).strip()
+
+
+def table(page: str, caption: str) -> tuple[list[str], list[list[str]]]:
+    """The header and body rows (as cell text) of the table with ``caption``."""
+    body = page.split(f"<caption>{caption}</caption>", 1)[1].split("</table>", 1)[0]
+    head, rows = body.split("</thead>", 1)
+    header = [text_of(c) for c in re.findall(r"<th[^>]*>(.*?)</th>", head, re.S)]
+    cells = [
+        [text_of(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r, re.S)]
+        for r in re.findall(r"<tr>(.*?)</tr>", rows, re.S)
+    ]
+    return header, cells
+
+
+def playground_form(client: httpx.Client, **fields: str) -> dict[str, str]:
+    return {
+        "csrf": csrf_of(client, "/console/playground"),
+        "model": "hidream-i1-fast",
+        "size": "1024x1024",
+        "steps": "2",
+    } | fields
+
+
+def ended_page(client: httpx.Client, path: str, reason: str) -> str:
+    """Follow a page that must end the session: to the sign-in page, cookie cleared, with why."""
+    resp = client.get(path)
+    assert resp.status_code == 303 and resp.headers["location"] == f"/console/sign-in?ended={reason}", resp.text
+    assert 'hdg_console=""' in resp.headers["set-cookie"] and "Max-Age=0" in resp.headers["set-cookie"]
+    page = client.get(resp.headers["location"])
+    assert page.status_code == 200 and "<h1>Sign in</h1>" in page.text
+    return page.text
+
+
+# -- sign-in, cookies and headers ----------------------------------------------------------------------------------
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_and_stores_only_its_hash(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client = browser(gw)
+    assert client.get("/console").headers["location"] == "/console/sign-in"
+    resp = client.post("/console/sign-in", data={"token": tenant["api_key"]})
+    assert resp.status_code == 303 and resp.headers["location"] == "/console/overview"
+    cookie = resp.headers["set-cookie"]
+    value = client.cookies["hdg_console"]
+    flags = {part.strip().split("=")[0].lower(): part.strip() for part in cookie.split(";")[1:]}
+    assert set(flags) == {"httponly", "max-age", "path", "samesite"}  # no Secure on plain http
+    assert flags["max-age"] == "Max-Age=43200" and flags["path"] == "Path=/console"
+    assert flags["samesite"].lower() == "samesite=strict"
+    assert tenant["api_key"] not in cookie and len(value) >= 43
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    rows = db.execute("SELECT token_hash, role, tenant_id, api_key_id FROM console_sessions").fetchall()
+    assert rows == [(hashlib.sha256(value.encode()).hexdigest(), "tenant", tenant["tenant_id"], tenant["key_id"])]
+    assert client.get("/console").headers["location"] == "/console/overview"
+    assert client.get("/console/sign-in").headers["location"] == "/console/overview"  # already signed in
+
+    admin = sign_in(gw, ADMIN_TOKEN)
+    assert admin.get("/console").headers["location"] == "/console/admin"
+    assert admin.get("/console/overview").headers["location"] == "/console/admin"  # the admin has no tenant pages
+    refused = client.get("/console/admin/backends")
+    assert refused.status_code == 403 and "<h1>Forbidden</h1>" in refused.text
+
+    # Signing out deletes the row: the old cookie is worth nothing afterwards.
+    out = client.post("/console/sign-out", data={"csrf": csrf_of(client)})
+    assert out.headers["location"] == "/console/sign-in?ended=signed-out" and "Max-Age=0" in out.headers["set-cookie"]
+    again = httpx.get(f"{gw.url}/console/keys", cookies={"hdg_console": value})
+    assert again.status_code == 303 and again.headers["location"] == "/console/sign-in"
+    assert db.execute("SELECT count(*) FROM console_sessions WHERE role = 'tenant'").fetchone() == (0,)
+
+
+def test_the_cookie_is_secure_when_configured(make_gateway: GatewayFactory, sqlite_url: str) -> None:
+    gw = make_gateway(sqlite_url, console_secure_cookie=True, console_session_hours=1)
+    resp = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN})
+    assert "; secure" in resp.headers["set-cookie"].lower() and "Max-Age=3600" in resp.headers["set-cookie"]
+
+
+def test_wrong_revoked_and_blank_credentials_get_the_form_again_and_failures_are_throttled(
+    make_gateway: GatewayFactory, sqlite_url: str
+) -> None:
+    gw = make_gateway(sqlite_url, console_sign_in_failures=3)
+    tenant, revoked = gw.create_tenant(), gw.create_tenant()
+    gw.admin("POST", f"/admin/keys/{revoked['key_id']}/revoke")
+    client = browser(gw)
+    blank = client.post("/console/sign-in", data={"token": "  "})
+    assert blank.status_code == 400 and "Enter an API key or the admin token." in blank.text
+    wrong = client.post("/console/sign-in", data={"token": "hdg_not-a-key"})
+    assert wrong.status_code == 401 and "That key or token was not recognised." in wrong.text
+    assert 'aria-describedby="token-error"' in wrong.text and "set-cookie" not in wrong.headers
+    gone = client.post("/console/sign-in", data={"token": revoked["api_key"]})
+    assert (
+        gone.status_code == 403 and "This API key has been revoked." in gone.text and "set-cookie" not in gone.headers
+    )
+    client.post("/console/sign-in", data={"token": "wrong-admin-token"})
+    # Three failures from this address in a minute: even the right key waits now.
+    throttled = client.post("/console/sign-in", data={"token": tenant["api_key"]})
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+    assert "Too many failed sign-ins" in throttled.text and "set-cookie" not in throttled.headers
+
+
+def test_every_console_answer_carries_the_security_headers(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    client = sign_in(gw, gw.create_tenant()["api_key"])
+    page = client.get("/console/overview")
+    css_url = re.search(r'href="(/console/static/console\.css\?v=[0-9a-f]+)"', page.text)
+    assert css_url is not None
+    answers = {
+        "page": page,
+        "sign-in": browser(gw).get("/console/sign-in"),
+        "redirect": browser(gw).get("/console/keys"),
+        "unknown page": client.get("/console/no-such-page"),
+        "bad query": client.get("/console/overview?by=tenant"),
+        "static": client.get(css_url[1]),
+    }
+    for name, resp in answers.items():
+        assert resp.headers["content-security-policy"] == CSP, name
+        assert resp.headers["x-frame-options"] == "DENY", name
+        assert resp.headers["referrer-policy"] == "no-referrer", name
+        assert resp.headers["x-content-type-options"] == "nosniff", name
+    assert answers["unknown page"].status_code == 404 and "<h1>Not found</h1>" in answers["unknown page"].text
+    assert answers["bad query"].status_code == 400
+    assert page.headers["cache-control"] == "no-store"
+    assert answers["static"].headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert answers["static"].headers["content-type"].startswith("text/css") and b"--accent" in answers["static"].content
+    assert client.get("/console/static/console.js").headers["cache-control"] == "no-cache"  # no hash: revalidate
+    assert client.get("/console/static/..%2Fsessions.py").status_code == 404
+    assert "<script>" not in page.text and " style=" not in page.text  # nothing inline: the CSP forbids it
+    assert "/console" not in httpx.get(f"{gw.url}/openapi.json").text  # not part of the API's schema
+
+
+# -- CSRF ----------------------------------------------------------------------------------------------------------
+
+
+def test_forms_without_this_sessions_csrf_token_or_from_another_site_change_nothing(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client, other = sign_in(gw, tenant["api_key"]), sign_in(gw, tenant["api_key"])
+    token, others = csrf_of(client), csrf_of(other)
+    assert token != others  # bound to the session's cookie
+    attempts = [
+        ({}, {}),
+        ({"csrf": "0" * 64}, {}),
+        ({"csrf": others}, {}),
+        ({"csrf": token}, {"Origin": "https://evil.example"}),
+        ({"csrf": token}, {"Sec-Fetch-Site": "cross-site"}),
+    ]
+    for form, headers in attempts:
+        resp = client.post("/console/keys", data=form, headers=headers)
+        assert resp.status_code == 403 and "<h1>Forbidden</h1>" in resp.text, (form, headers)
+        resp = client.post(f"/console/keys/{tenant['key_id']}/revoke", data=form, headers=headers)
+        assert resp.status_code == 403, (form, headers)
+    assert len(gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]) == 1
+    assert client.get("/console/keys").status_code == 200  # not revoked: the session goes on
+    cross = browser(gw).post(
+        "/console/sign-in", data={"token": ADMIN_TOKEN}, headers={"Origin": "https://evil.example"}
+    )
+    assert cross.status_code == 403 and "set-cookie" not in cross.headers
+    made = client.post(
+        "/console/keys", data={"csrf": token}, headers={"Origin": gw.url, "Sec-Fetch-Site": "same-origin"}
+    )
+    assert made.status_code == 201
+    assert len(gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]) == 2
+    not_a_form = client.post("/console/keys", json={"csrf": token})
+    assert not_a_form.status_code == 400 and "application/x-www-form-urlencoded" in not_a_form.text
+
+
+# -- sessions end at once ------------------------------------------------------------------------------------------
+
+
+def test_a_revoked_key_ends_its_sessions_at_once_and_is_refused_by_the_api(gateway: Gateway) -> None:
+    gw = gateway
+    tenant = gw.create_tenant()
+    client = sign_in(gw, tenant["api_key"])
+    created = client.post("/console/keys", data={"csrf": csrf_of(client)})
+    assert created.status_code == 201 and "Copy this key now: it will not be shown again." in created.text
+    match = NEW_KEY.search(created.text)
+    assert match is not None
+    new_key = match[1]
+    assert new_key not in client.get("/console/keys").text  # shown once
+    bearer = {"Authorization": f"Bearer {new_key}"}
+    assert gw.client.get("/v1/usage", headers=bearer).status_code == 200  # cached by the API's authenticator now
+    second = sign_in(gw, new_key)
+    assert second.get("/console/overview").status_code == 200
+
+    header, rows = table(client.get("/console/keys").text, "Keys")
+    assert header[:4] == ["Prefix", "Created", "Last used", "Status"]
+    row = next(r for r in rows if r[0].startswith(new_key[:12]))
+    assert row[2:4] == ["never", "active"]
+    key_id = re.search(r"/console/keys/(key_[0-9a-f]+)/revoke", client.get("/console/keys").text.split(new_key[:12])[1])
+    assert key_id is not None
+    revoked = client.post(f"/console/keys/{key_id[1]}/revoke", data={"csrf": csrf_of(client)})
+    assert revoked.status_code == 303 and revoked.headers["location"] == "/console/keys"
+    assert gw.client.get("/v1/usage", headers=bearer).status_code == 403  # at once, despite the key cache
+    rows = table(client.get("/console/keys").text, "Keys")[1]
+    assert next(r for r in rows if r[0].startswith(new_key[:12]))[3] == "revoked"
+    assert "Your session ended: this key was revoked." in ended_page(second, "/console/keys", "revoked")
+
+    # The key this session signed in with, revoked through the admin API: the very next page is the sign-in page.
+    gw.admin("POST", f"/admin/keys/{tenant['key_id']}/revoke")
+    assert "Your session ended: this key was revoked." in ended_page(client, "/console/overview", "revoked")
+    assert client.get("/console/overview").headers["location"] == "/console/sign-in"  # the row is gone
+
+
+def test_a_disabled_tenant_ends_its_sessions(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client = sign_in(gw, tenant["api_key"])
+    gw.admin("PATCH", f"/admin/tenants/{tenant['tenant_id']}", json={"status": "disabled"})
+    assert "Your session ended: this tenant is disabled." in ended_page(client, "/console/keys", "disabled")
+    refused = browser(gw).post("/console/sign-in", data={"token": tenant["api_key"]})
+    assert refused.status_code == 403 and "set-cookie" not in refused.headers
+
+
+def test_an_admin_session_works_on_every_replica_and_ends_when_the_admin_token_changes(
+    make_gateway: GatewayFactory, database_url: str
+) -> None:
+    first = make_gateway(database_url)
+    value = sign_in(first, ADMIN_TOKEN).cookies["hdg_console"]
+    cookie = {"hdg_console": value}
+    replica = make_gateway(database_url)  # another process on the same database and token
+    assert httpx.get(f"{replica.url}/console/admin/backends", cookies=cookie).status_code == 200
+    changed = make_gateway(database_url, admin_token="a-new-admin-token")
+    resp = httpx.get(f"{changed.url}/console/admin", cookies=cookie)
+    assert resp.status_code == 303 and resp.headers["location"] == "/console/sign-in?ended=admin"
+    assert "Your session ended: the admin token changed." in httpx.get(f"{changed.url}{resp.headers['location']}").text
+    # The session's row went with it: the old token's gateway no longer knows the cookie either.
+    assert httpx.get(f"{first.url}/console/admin", cookies=cookie).headers["location"] == "/console/sign-in"
+
+
+def test_an_expired_session_ends(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    client = sign_in(gw, ADMIN_TOKEN)
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    past = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with db:
+        db.execute("UPDATE console_sessions SET expires_at = ?", (past,))
+    assert "Your session expired." in ended_page(client, "/console/admin", "expired")
+    sign_in(gw, ADMIN_TOKEN)  # a sign-in purges expired rows
+    assert db.execute("SELECT count(*) FROM console_sessions WHERE expires_at < ?", (past,)).fetchone() == (0,)
+
+
+# -- tenant pages --------------------------------------------------------------------------------------------------
+
+
+def test_tenants_see_only_their_own_keys_and_predictions(gateway: Gateway) -> None:
+    gw = gateway
+    mine, theirs = gw.create_tenant(), gw.create_tenant()
+    assert gw.generate(theirs["api_key"], prompt="their secret lighthouse").status_code == 200
+    client = sign_in(gw, mine["api_key"])
+    resp = client.post(f"/console/keys/{theirs['key_id']}/revoke", data={"csrf": csrf_of(client)})
+    assert resp.status_code == 404 and "<h1>Not found</h1>" in resp.text
+    for bad in ("key_nonsense", "%00", "key_" + "0" * 24):
+        assert client.post(f"/console/keys/{bad}/revoke", data={"csrf": csrf_of(client)}).status_code == 404
+    assert gw.generate(theirs["api_key"]).status_code == 200  # still active
+    predictions = client.get("/console/predictions").text
+    assert "lighthouse" not in predictions and "No predictions yet" in predictions
+    overview = client.get("/console/overview").text
+    assert "No monthly budget." in overview and "No billed images in the last 30 days." in overview
+    keys = client.get("/console/keys").text
+    assert theirs["key_id"] not in keys and mine["key_id"] in keys
+    assert (
+        gw.client.get("/v1/webhooks/default/secret", headers={"Authorization": f"Bearer {theirs['api_key']}"}).json()[
+            "key"
+        ]
+        not in client.get("/console/webhooks").text
+    )
+
+
+def test_the_playground_makes_one_billed_png_through_the_api_path(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gw = gateway
+    tenant = gw.create_tenant(monthly_budget_usd="10")
+    urls: list[str] = []
+    client = sign_in(gw, tenant["api_key"])
+    client.event_hooks["response"] = [lambda r: urls.extend([str(r.request.url), r.headers.get("location", "")])]
+    before = client.get("/console/overview").text
+    assert "$0.00 of $10.00 used." in before
+    resp = client.post("/console/playground", data=playground_form(client, prompt="a paper boat", seed="42"))
+    assert resp.status_code == 200, resp.text
+    page = resp.text
+    src = re.search(r'<img src="(/files/file_[^"]+)" alt="Generated image"', page)
+    assert src is not None
+    png = client.get(html.unescape(src[1]))
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(png.content)).size == (1024, 1024)
+    assert "<dt>Seed</dt><dd>42</dd>" in page and "<dt>Backend</dt><dd>local</dd>" in page
+    assert "Same request as code" in page
+    for title in ("curl", "Python (openai)", "Python (replicate)"):
+        assert f">{title}</h3>" in page
+    assert "$HDG_API_KEY" in page and tenant["api_key"] not in page
+
+    bearer = {"Authorization": f"Bearer {tenant['api_key']}"}
+    events = gw.client.get("/v1/usage/events", headers=bearer).json()
+    assert events["summary"] == {"requests": 1, "images": 1, "price_usd": "0.010486"}
+    assert events["data"][0]["api_key_id"] == tenant["key_id"]
+    assert "$0.010486 of $10.00 used." in client.get("/console/overview").text
+    header, rows = table(client.get("/console/predictions").text, "Recent predictions")
+    assert header == ["Created", "Status", "Model", "Backend", "Latency (ms)", "Image"]
+    assert [r[1:4] for r in rows] == [["succeeded", "hidream-i1-fast", "local"]] and int(rows[0][4]) > 0
+    assert 'alt="Thumbnail of a paper boat"' in client.get("/console/predictions").text
+    assert rows == table(client.get("/console/predictions").text, "Recent predictions")[1]
+    _, key_rows = table(client.get("/console/keys").text, "Keys")
+    assert key_rows[0][2] != "never"  # last used: just now
+    # The key never travelled in a URL, a redirect or a log line.
+    assert urls and not any(tenant["api_key"] in u for u in urls)
+    assert tenant["api_key"] not in caplog.text
+
+
+def test_the_playground_code_samples_run_as_shown(sqlite_gateway: Gateway, tmp_path: Any) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client = sign_in(gw, tenant["api_key"])
+    page = client.post(
+        "/console/playground", data=playground_form(client, prompt='it\'s a "quoted" fox', seed="7")
+    ).text
+    samples = {
+        title: html.unescape(code)
+        for title, code in re.findall(
+            r'<h3 id="sample-\d">(.*?)</h3>\s*<pre><code id="code-\d">(.*?)</code></pre>', page, re.S
+        )
+    }
+    assert set(samples) == {"curl", "Python (openai)", "Python (replicate)"}
+    env = {"HDG_API_KEY": tenant["api_key"], "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for title in ("Python (openai)", "Python (replicate)"):
+        done = subprocess.run(
+            [sys.executable, "-c", samples[title]], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, (title, done.stderr)
+        assert f"{gw.url}/files/file_" in done.stdout, (title, done.stdout)
+    curl = subprocess.run(["bash", "-c", samples["curl"]], env=env, capture_output=True, text=True, timeout=120)
+    assert curl.returncode == 0 and '"seed":7' in curl.stdout.replace(" ", ""), curl.stdout
+    bearer = {"Authorization": f"Bearer {tenant['api_key']}"}
+    seeds = {e["prediction_id"]: e for e in gw.client.get("/v1/usage/events", headers=bearer).json()["data"]}
+    assert len(seeds) == 4  # the playground's image and the three samples'
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("prompt", "   ", "Enter a prompt."),
+        ("seed", "abc", "The seed must be a whole number"),
+        ("seed", "-1", "The seed must be a whole number"),
+        ("steps", "0", "Steps must be a whole number"),
+        ("size", "13x13", "Choose one of the listed sizes."),
+        ("model", "dall-e-3", "Choose one of the listed models."),
+        ("prompt", "x" * 2001, "the limit is 2000"),
+    ],
+)
+def test_bad_playground_input_is_shown_next_to_its_field_and_creates_nothing(
+    sqlite_gateway: Gateway, field: str, value: str, message: str
+) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client = sign_in(gw, tenant["api_key"])
+    resp = client.post("/console/playground", data=playground_form(client, prompt="a fox") | {field: value})
+    assert resp.status_code == 400 and message in resp.text
+    assert f'aria-describedby="{field}-error"' in resp.text and f'id="{field}-error"' in resp.text
+    bearer = {"Authorization": f"Bearer {tenant['api_key']}"}
+    assert gw.client.get("/v1/usage/events", headers=bearer).json()["summary"]["requests"] == 0
+    assert "No predictions yet" in client.get("/console/predictions").text
+
+
+def test_a_refused_playground_request_shows_the_apis_message_and_status(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant(monthly_budget_usd="0.000001")
+    client = sign_in(gw, tenant["api_key"])
+    resp = client.post("/console/playground", data=playground_form(client, prompt="a fox"))
+    api = gw.generate(tenant["api_key"])
+    assert resp.status_code == api.status_code == 402
+    assert "The request was refused" in resp.text and api.json()["error"]["message"] in html.unescape(resp.text)
+    assert 'alt="Generated image"' not in resp.text and "No predictions yet" in client.get("/console/predictions").text
+
+
+def test_names_and_prompts_are_escaped_everywhere(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant(name="<script>alert(1)</script>")
+    client = sign_in(gw, tenant["api_key"])
+    prompt = '<img src=x onerror="alert(2)">'
+    result = client.post("/console/playground", data=playground_form(client, prompt=prompt)).text
+    admin = sign_in(gw, ADMIN_TOKEN)
+    pages = [result, client.get("/console/overview").text, client.get("/console/predictions").text]
+    pages.append(admin.get("/console/admin").text)
+    for page in pages:
+        assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[1] and "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[3]
+    assert 'alt="Thumbnail of &lt;img src=x onerror=&#34;alert(2)&#34;&gt;"' in pages[2]
+
+
+def test_usage_tables_show_the_same_numbers_as_the_usage_api(gateway: Gateway) -> None:
+    gw = gateway
+    tenant = gw.create_tenant()
+    for model in ("hidream-i1-fast", "hidream-i1-fast", "hidream-i1-dev"):
+        assert gw.generate(tenant["api_key"], model=model).status_code == 200
+    assert gw.generate(tenant["api_key"], model="hidream-i1-fast", n=2).status_code == 200
+    client = sign_in(gw, tenant["api_key"])
+    today = datetime.now(UTC).date()
+    since = (today - timedelta(days=29)).isoformat()
+    report = gw.client.get(f"/v1/usage?since={since}", headers={"Authorization": f"Bearer {tenant['api_key']}"}).json()
+    for by in ("model", "backend"):
+        images: dict[str, int] = defaultdict(int)
+        spend: dict[str, Decimal] = defaultdict(Decimal)
+        for line in report["data"]:
+            images[line[by]] += line["images"]
+            spend[line[by]] += Decimal(line["price_usd"])
+        page = client.get(f"/console/overview?by={by}").text
+        for caption, expected, total in (
+            ("Images per day", {k: str(v) for k, v in images.items()}, str(report["total"]["images"])),
+            ("Spend per day (USD)", {k: f"{v:.6f}" for k, v in spend.items()}, report["total"]["price_usd"]),
+        ):
+            header, rows = table(page, caption)
+            assert header[0] == "Day" and header[-1] == "Total"
+            assert [r[0] for r in rows] == [today.isoformat()]  # the days with anything billed: today
+            assert dict(zip(header[1:-1], rows[0][1:-1], strict=True)) == expected
+            assert rows[0][-1] == total
+        assert 'role="img"' in page and "total 5" in page
+    assert set(table(client.get("/console/overview").text, "Images per day")[0][1:-1]) == {
+        "hidream-i1-dev",
+        "hidream-i1-fast",
+    }
+
+
+# -- admin pages ---------------------------------------------------------------------------------------------------
+
+
+def test_admin_pages_show_tenants_backends_and_failures_with_their_raw_error_text(
+    make_gateway: GatewayFactory, sqlite_url: str, fal: FakeFal
+) -> None:
+    gw = make_gateway(sqlite_url, from_settings=True, breaker_failures=1, **fal_only(fal))
+    tenant = gw.create_tenant(name="Globex", rpm=60, monthly_budget_usd="5", max_in_flight=2)
+    assert gw.generate(tenant["api_key"]).status_code == 200
+    fal.faults.fail_jobs = True
+    fal.faults.error_text = "CUDA error: device-side assert <triggered>"
+    failed = gw.generate(tenant["api_key"])
+    assert failed.status_code == 502
+    admin = sign_in(gw, ADMIN_TOKEN)
+
+    header, rows = table(admin.get("/console/admin/tenants").text, "Tenants")
+    assert header == [
+        "Name", "Id", "Status", "RPM", "Monthly budget", "Max in flight", "Spent this month", "Reserved", "Keys"
+    ]  # fmt: skip
+    assert rows == [["Globex", tenant["tenant_id"], "active", "60", "$5.00", "2", "$0.010486", "$0.00", "1"]]
+
+    header, rows = table(admin.get("/console/admin/backends").text, "Backends")
+    assert header[:4] == ["Name", "Kind", "State", "In flight"]
+    (fal_row,) = rows
+    assert fal_row[:3] == ["fal", "fal", "open"]  # one failure opens it here (HDG_BREAKER_FAILURES=1)
+    assert fal_row[5].startswith("50.0%") and "(1 of 2)" in fal_row[5]
+    assert fal_row[6:] == ["$0.010486", "$0.010486", "$0.010486"]  # price, cost, spend this month
+
+    page = admin.get("/console/admin/failures").text
+    header, rows = table(page, "Recent failures")
+    assert header == ["When", "Tenant", "Model", "Backend", "Code", "Error"]
+    assert rows[0][1:3] == ["Globex", "hidream-i1-fast"] and rows[0][4] == "backend_error"
+    assert "CUDA error: device-side assert &lt;triggered&gt;" in page  # the provider's words, escaped
+    tenant_view = sign_in(gw, tenant["api_key"]).get("/console/predictions").text
+    assert "failed" in tenant_view and failed.json()["error"]["message"][:40] in html.unescape(tenant_view)
+
+
+# -- charts --------------------------------------------------------------------------------------------------------
+
+
+def test_charts_stack_each_days_series_to_scale_and_escape_names() -> None:
+    from gateway.console.charts import nice_ceiling, stacked_bars
+
+    assert [nice_ceiling(v) for v in (0, 1, 3, 7, 11, 0.0104, 260)] == [1, 1, 5, 10, 20, 0.02, 500]
+    days = [datetime(2026, 1, d, tzinfo=UTC).date() for d in (1, 2)]
+    counts = {(days[0], "a"): 1, (days[0], "<b>"): 3, (days[1], "a"): 2}
+    svg = str(
+        stacked_bars(
+            title="Images per day",
+            days=days,
+            series=["a", "<b>"],
+            value=lambda day, name: counts.get((day, name), 0),
+            label=lambda v: f"{v:g}",
+            whole=True,
+        )
+    )
+    assert 'aria-label="Images per day, 2026-01-01 to 2026-01-02: total 6"' in svg
+    heights = [float(h) for h in re.findall(r'height="([0-9.]+)"', svg)]
+    assert heights == [40.0, 120.0, 80.0]  # 1, 3 and 2 on a scale topped at 5 (the nice ceiling of 4), 200 units tall
+    assert "<title>2026-01-01 &lt;b&gt;: 3</title>" in svg and "<b>" not in svg
