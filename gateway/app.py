@@ -25,7 +25,7 @@ from gateway.backends.local import LocalBackend
 from gateway.backends.replicate import ReplicateBackend
 from gateway.backends.worker import WorkerBackend
 from gateway.console.pages import ConsoleHeadersMiddleware
-from gateway.console.sessions import FailedSignIns
+from gateway.console.sessions import FailedSignIns, admin_fingerprint
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
 from gateway.health import HealthBoard, probe_forever
@@ -198,6 +198,12 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         outbound = NetworkPolicy(settings.webhook_allowed_networks)
         limits = RateLimits(_secret(settings.redis_url))
         sender = WebhookSender(sessions=sessions, client=client, policy=outbound, owner=jobs.owner)
+        # A key of its own for the console's CSRF tokens: an HMAC of the shared URL-signing key, so a token can
+        # never double as a file signature, and every replica computes the same one.
+        console_key = hmac.new(signing_key, b"hdg-console-csrf", hashlib.sha256).digest()
+        admin_token = _secret(settings.admin_token)
+        # An scrypt, once per process (it is slow on purpose); admin sessions are checked against it.
+        fingerprint = await asyncio.to_thread(admin_fingerprint, admin_token, console_key) if admin_token else None
         app.state.hdg = AppState(
             settings=settings,
             engine=engine,
@@ -212,9 +218,8 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             limits=limits,
             outbound=outbound,
             metrics=metrics,
-            # A key of its own for the console's CSRF tokens: an HMAC of the shared URL-signing key, so a token can
-            # never double as a file signature, and every replica computes the same one.
-            console_key=hmac.new(signing_key, b"hdg-console-csrf", hashlib.sha256).digest(),
+            console_key=console_key,
+            admin_fingerprint=fingerprint,
             sign_ins=FailedSignIns(settings.console_sign_in_failures),
         )
         await jobs.start()

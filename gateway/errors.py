@@ -14,30 +14,78 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hidream_gateway")
 
-# Credentials an upstream might echo back in an error body: an Authorization value (Bearer/Key/Token/Basic), a
-# Replicate token (r8_...), a fal key (key_id:key_secret), Modal proxy credentials (wk-..., ws-...).
+# Credentials an upstream might echo back in an error body. Redacted: a URL's ``user:password@``; the value after a
+# word that introduces one (``Bearer x``, ``Token: x``, ``"api_key": "x"``, ``password=x``) when the value looks like a
+# secret (letters and digits, 12 or more; a key id and its secret; a long opaque token), so that plain words after
+# those keywords ("the key parameter is invalid") stay; the shapes of known credentials wherever they appear
+# (Replicate r8_, Modal wk-/ws-, sk-, the gateway's hdg_ keys and whsec_ webhook secrets, fal's key_id:key_secret).
+_VALUE = r"[^\s\"'`,;&<>()\[\]{}]"
 CREDENTIALS = re.compile(
-    r"(?i)\b(?:(?<=bearer )|(?<=basic )|(?<=token )|(?<=key ))[^\s\"',;]{6,}"
-    r"|\br8_\w+"
-    r"|\b[\w-]{6,}:[\w-]{12,}\b"
-    r"|\bw[ks]-\w{8,}"
+    rf"""(?ix)
+    (?<![\w+.-])(?P<url>[a-z][a-z0-9+.-]*+://)[^\s/?\#]+@
+    | (?P<lead>\b(?:bearer|basic|authorization|(?:\w+[_-])?(?:api[_-]?key|key|token|secret|password|passwd))\b
+        ["']?\s*[:=]?\s*["']?)
+      (?:(?={_VALUE}{{0,256}}[a-z])(?={_VALUE}{{0,256}}\d){_VALUE}{{12,}} | [\w.-]+:[\w-]{{12,}} | [\w.~+/=-]{{24,}})
+    | \b(?:r8_[\w-]{{8,}} | w[ks]-\w{{8,}} | sk-[\w-]{{16,}} | hdg_[\w-]{{32,}} | whsec_[\w+/=]{{16,}})
+    | (?<![\w-])[\w-]{{6,}}+:(?=[\w-]*\d)(?=[\w-]*[a-z])[\w-]{{12,}}\b
+    """
 )
 
 
-def redact_credentials(text: str) -> str:
-    """``text`` with anything shaped like a provider credential replaced by ``***``.
+def _hide(match: re.Match[str]) -> str:
+    if match.group("url"):
+        return f"{match.group('url')}***@"
+    return f"{match.group('lead') or ''}***"
 
-    For the backend's own words kept for admins (an attempt's ``detail``, /admin/backends' ``last_error``): the
-    gateway never puts a credential in an error, but a provider's error body might quote the one it was sent.
+
+def redact_credentials(text: str) -> str:
+    """``text`` with anything shaped like a credential replaced by ``***`` (a URL's userinfo by ``***@``).
+
+    For the backend's own words kept for admins (an attempt's ``detail``, /admin/backends' ``last_error``) and for an
+    input error a tenant is shown: the gateway never puts a credential in an error, but a provider's error body or a
+    worker's load error might quote the one it was sent.
     """
-    return CREDENTIALS.sub("***", text)
+    return CREDENTIALS.sub(_hide, text)
+
+
+# What a tenant is told of an attempt that did not succeed: a fixed phrase per outcome. The backend's own words (a
+# provider's error body, another system's internals) are kept for admins only, as the entry's ``detail``.
+PHRASES: dict[str, str] = {
+    "unauthorized": "its credentials were refused",
+    "unreachable": "the connection failed",
+    "timeout": "the backend timed out",
+    "busy": "the backend is at capacity",
+    "unavailable": "the backend is not ready",
+    "invalid_input": "the backend rejected the input",
+    "failed": "the backend failed",
+}
+
+
+def phrase_for(outcome: str, status: int | None) -> str:
+    """The fixed words for an attempt that ended in ``outcome``, with the provider's HTTP ``status`` if any."""
+    words = PHRASES.get(outcome, PHRASES["failed"])
+    if outcome == "unauthorized" and status is not None:
+        return f"the backend answered {status}: {words}"
+    if outcome == "failed" and status is not None:  # a 5xx, or a 2xx whose body was not what it should be
+        return f"the backend answered {status}" if status >= 400 else "the backend's answer was unusable"
+    return words
 
 
 def tenant_attempts(entries: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """A job's attempt list as its tenant sees it: each entry without ``detail`` (the backend's words, for admins)."""
+    """A job's attempt list as its tenant sees it: each entry without ``detail`` (the backend's words, for admins).
+
+    An entry stored before ``detail`` existed has the backend's raw words in ``message``: its phrase is rebuilt from
+    ``outcome`` and ``status`` instead.
+    """
     if entries is None:
         return None
-    return [{k: v for k, v in entry.items() if k != "detail"} for entry in entries]
+    shown = []
+    for entry in entries:
+        tenant = {k: v for k, v in entry.items() if k != "detail"}
+        if "detail" not in entry and tenant.get("message") is not None:
+            tenant["message"] = phrase_for(str(entry.get("outcome")), entry.get("status"))
+        shown.append(tenant)
+    return shown
 
 
 class ConfigurationError(Exception):
@@ -54,7 +102,8 @@ class GatewayError(Exception):
 
     Raised by a backend, it is also one attempt's end: ``outcome`` names how it ended in a job's attempt list and
     ``upstream_status`` is the provider's HTTP status, when the error is its answer. A job's final error carries
-    the whole list in ``attempts``.
+    the whole list in ``attempts``, as stored (with each entry's admin-only ``detail``): ``body`` and
+    ``problem_response`` show it through ``tenant_attempts``, once.
     """
 
     status_code = 500

@@ -59,32 +59,34 @@ class CircuitBreaker:
         state = self.current(now)
         return state == "closed" or (state == "half_open" and not self.trial_in_flight)
 
-    def on_start(self, now: float) -> None:
-        if self.current(now) == "half_open":
-            self.trial_in_flight = True
-
     def claim(self, now: float) -> bool:
-        """``admits`` and ``on_start`` as one step: True, with a half-open breaker's only trial slot taken.
+        """Take a half-open breaker's only trial slot if it is free; True if this call took it.
 
-        Synchronous on purpose: with no await between the check and the take, two jobs cannot both see the slot free.
+        The slot belongs to whoever took it until it calls ``release``: verdicts (``on_success``, ``on_failure``,
+        ``trip``) move the state but never free it, since they may come from another attempt (one admitted while the
+        breaker was closed, or a probe) while the trial still runs. Synchronous on purpose: with no await between the
+        check and the take, two jobs cannot both see the slot free.
         """
-        if not self.admits(now):
+        if self.current(now) != "half_open" or self.trial_in_flight:
             return False
-        self.on_start(now)
+        self.trial_in_flight = True
         return True
 
+    def release(self) -> None:
+        """The trial that ``claim`` gave ended (with a verdict or without one): the slot is free again."""
+        self.trial_in_flight = False
+
     def on_success(self) -> None:
-        self.state, self.consecutive_failures, self.trial_in_flight = "closed", 0, False
+        self.state, self.consecutive_failures = "closed", 0
 
     def on_failure(self, now: float) -> None:
         self.consecutive_failures += 1
         if self.state == "half_open" or self.consecutive_failures >= self.failure_threshold:
             self.trip(now)
-        self.trial_in_flight = False
 
     def trip(self, now: float) -> None:
         """Open now (traffic failed ``failure_threshold`` times, or a trial failed), restarting the open period."""
-        self.state, self.opened_at, self.trial_in_flight, self.seen_down = "open", now, False, False
+        self.state, self.opened_at, self.seen_down = "open", now, False
 
     def down(self, now: float) -> None:
         """A health check says the backend cannot serve: open now, whatever the count, and remember it was seen down."""
@@ -137,6 +139,7 @@ class HealthBoard:
         return h.problem is None and h.breaker.admits(self.clock())
 
     def has_capacity(self, name: str) -> bool:
+        """Below its in-flight limit and not throttled."""
         h = self.backends[name]
         return h.in_flight < h.max_in_flight and self.clock() >= h.throttled_until
 
@@ -167,25 +170,26 @@ class HealthBoard:
     def attempt(self, name: str, *, admitted: bool = False) -> Iterator[bool]:
         """Admit an attempt on ``name`` and count it in flight for the block; yields whether it was admitted.
 
-        The admission check and the taking of a half-open breaker's only trial slot are one synchronous step, so
-        concurrent jobs cannot both get the trial. ``admitted=True`` skips the check (re-attaching to a provider
-        job already running there, which must be waited on whatever the breaker says).
+        Admitted: not misconfigured, the breaker admits it, and the backend has capacity (routing saw it had, but
+        earlier attempts of the job awaited since). The check and the taking of a half-open breaker's only trial slot
+        are one synchronous step, so concurrent jobs cannot both get the trial. ``admitted=True`` skips the check
+        (re-attaching to a provider job already running there, which must be waited on whatever the breaker says);
+        it takes the trial slot only if the breaker is half-open and the slot is free. Only the attempt that took
+        the slot frees it, when its block ends, verdict or not (a cancelled trial must not hold the slot forever).
         """
         h = self.backends[name]
         now = self.clock()
-        if admitted:
-            h.breaker.on_start(now)
-        elif h.problem is not None or not h.breaker.claim(now):
+        if not admitted and (h.problem is not None or not h.breaker.admits(now) or not self.has_capacity(name)):
             yield False
             return
+        trial = h.breaker.claim(now)
         h.in_flight += 1
         try:
             yield True
         finally:
             h.in_flight -= 1
-            # The verdict (success, failure, throttled) is given inside the block; without one (cancelled), this
-            # frees the trial slot so the breaker cannot stay half-open with its only slot taken forever.
-            h.breaker.trial_in_flight = False
+            if trial:
+                h.breaker.release()
 
     def success(self, name: str, seconds: float | None) -> None:
         """A good answer (an input error counts: the backend itself is fine)."""
@@ -210,10 +214,12 @@ class HealthBoard:
         h.probe = probe
         h.checked = h.checked or probe.status != "unchecked"
         if probe.status == "down":
+            # A worker's load error is its own text, and may quote the URL or token it failed with.
+            why = redact_credentials(probe.detail or "its health check failed")[:300]
             if h.breaker.current(now) != "open":
-                log.warning("%s is down: %s", name, probe.detail)
+                log.warning("%s is down: %s", name, why)
             h.breaker.down(now)
-            h.last_error = (probe.detail or "its health check failed")[:300]
+            h.last_error = why
         elif probe.status == "loading" and h.breaker.current(now) == "open":
             h.breaker.seen_down = True  # restarting: once it is up, it is a recovered backend
         elif probe.status == "up" and h.breaker.recovered(now):
@@ -227,7 +233,6 @@ class HealthBoard:
         """
         h = self.backends[name]
         h.throttled_until = max(h.throttled_until, self.clock() + min(retry_after, MAX_THROTTLE_SECONDS))
-        h.breaker.trial_in_flight = False
 
     def recovery_in(self, name: str) -> float | None:
         """Seconds until ``name`` can likely take a job (0: now), or None if it cannot until it is reconfigured.

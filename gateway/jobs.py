@@ -30,8 +30,8 @@ from gateway.errors import (
     GatewayError,
     GenerationTimeout,
     InvalidRequest,
+    phrase_for,
     redact_credentials,
-    tenant_attempts,
 )
 from gateway.health import HealthBoard
 from gateway.metering import backend_cost_usd, price_usd
@@ -80,7 +80,7 @@ OnLog = Callable[
 def error_from(prediction: Prediction) -> GatewayError:
     """The error a failed or canceled job reports, rebuilt from its stored code, message and attempts."""
     message = prediction.error or f"The prediction was {prediction.status}."
-    attempts = tenant_attempts(prediction.attempt_log)
+    attempts = list(prediction.attempt_log) if prediction.attempt_log is not None else None
     if prediction.status == "canceled":
         return GatewayError(message, code="canceled", attempts=attempts)
     kind = ERRORS.get(prediction.error_code or "", BackendFailed)
@@ -89,32 +89,15 @@ def error_from(prediction: Prediction) -> GatewayError:
     return kind(message, attempts=attempts)
 
 
-# What a tenant is told of an attempt that failed: a fixed phrase per outcome. The backend's own words (a provider's
-# error body, another system's internals) are kept for admins only, as the entry's ``detail``, and in the logs.
-PHRASES: dict[str, str] = {
-    "unauthorized": "its credentials were refused",
-    "unreachable": "the connection failed",
-    "timeout": "the backend timed out",
-    "busy": "the backend is at capacity",
-    "unavailable": "the backend is not ready",
-    "failed": "the backend failed",
-}
-
-
 def phrase(error: GatewayError) -> str:
     """The tenant's words for how an attempt ended in ``error``: a fixed phrase, with the provider's status if any.
 
-    An input error keeps its own text: it is about the tenant's input, and the tenant needs it to fix the request.
+    An input error keeps its own text: it is about the tenant's input, and the tenant needs it to fix the request
+    (the backends bound it to one short line; credentials are redacted here once more).
     """
     if error.outcome == "invalid_input":
-        return error.message
-    status = error.upstream_status
-    words = PHRASES.get(error.outcome, PHRASES["failed"])
-    if error.outcome == "unauthorized" and status is not None:
-        return f"the backend answered {status}: {words}"
-    if error.outcome == "failed" and status is not None:  # a 5xx, or a 2xx whose body was not what it should be
-        return f"the backend answered {status}" if status >= 400 else "the backend's answer was unusable"
-    return words
+        return redact_credentials(error.message)
+    return phrase_for(error.outcome, error.upstream_status)
 
 
 @dataclass
@@ -155,10 +138,10 @@ def final_error(attempts: Sequence[Attempt], *, out_of_time: bool) -> GatewayErr
     The job's own time ran out: 504. Otherwise any attempt that failed upstream (credentials refused, unreachable,
     connection dropped, a 5xx, a malformed answer, a failed provider job): 502, and the message names the first of
     them. Otherwise attempts that ran past their time: 504. Otherwise every backend tried was at capacity,
-    throttling or not ready: 503 with Retry-After. The error carries every attempt, in the tenant's view: each
-    attempt's fixed phrase, never the backend's own words.
+    throttling or not ready: 503 with Retry-After. The error carries every attempt as stored; its body shows them in
+    the tenant's view (each attempt's fixed phrase, never the backend's own words).
     """
-    shown = tenant_attempts(attempt_log(attempts))
+    stored = attempt_log(attempts)
     failed = [a for a in attempts if a.error is not None]
     refused = [a for a in failed if isinstance(a.error, BackendBusy | BackendUnavailable)]
     timeouts = [a for a in failed if isinstance(a.error, GenerationTimeout)]
@@ -166,17 +149,17 @@ def final_error(attempts: Sequence[Attempt], *, out_of_time: bool) -> GatewayErr
     if out_of_time:
         first = next(iter(upstream + timeouts + refused), None)
         reason = f" The first failure: {_said(first)}." if first is not None else ""
-        return GenerationTimeout(f"No backend finished in time.{reason}", attempts=shown)
+        return GenerationTimeout(f"No backend finished in time.{reason}", attempts=stored)
     if upstream:
-        return BackendFailed(_naming(upstream[0], len(attempts)), attempts=shown)
+        return BackendFailed(_naming(upstream[0], len(attempts)), attempts=stored)
     if timeouts:
-        return GenerationTimeout(_naming(timeouts[0], len(attempts)), attempts=shown)
+        return GenerationTimeout(_naming(timeouts[0], len(attempts)), attempts=stored)
     if not refused:
-        return GenerationTimeout("No time was left to try a backend.", attempts=shown)
+        return GenerationTimeout("No time was left to try a backend.", attempts=stored)
     waits = [e.retry_after for a in refused if isinstance(e := a.error, BackendBusy | BackendUnavailable)]
     retry_after = min((w for w in waits if w), default=RETRY_AFTER_GUESS)
     kind = BackendBusy if any(isinstance(a.error, BackendBusy) for a in refused) else BackendUnavailable
-    return kind(_naming(refused[0], len(attempts)), retry_after=retry_after, attempts=shown)
+    return kind(_naming(refused[0], len(attempts)), retry_after=retry_after, attempts=stored)
 
 
 def _said(attempt: Attempt) -> str:
@@ -606,7 +589,7 @@ class JobRunner:
             elif a.outcome == "running" and error is not None:
                 a.end(error.outcome, error)
         if error is not None and error.attempts is None:
-            error.attempts = tenant_attempts(attempt_log(attempts))
+            error.attempts = attempt_log(attempts)
         try:
             won = await self._settle_retrying(
                 p,

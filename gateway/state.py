@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -35,6 +35,7 @@ class AppState:
     outbound: NetworkPolicy
     metrics: Metrics
     # The web console: the key its CSRF tokens are made with (derived from the URL-signing key, so every replica
-    # has it), and failed sign-ins per client address.
-    console_key: bytes = b""
-    sign_ins: FailedSignIns = field(default_factory=lambda: FailedSignIns(10))
+    # has it), the configured admin token's fingerprint (None: no admin token), failed sign-ins per address.
+    console_key: bytes
+    admin_fingerprint: str | None
+    sign_ins: FailedSignIns

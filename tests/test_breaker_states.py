@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
@@ -79,6 +80,90 @@ def test_misconfigured_is_never_admitted_and_never_expected_back() -> None:
     assert not board.doubtful("replicate")  # nothing to probe: only a restart with new settings changes it
     assert board.recovery_in("replicate") is None and board.soonest(["replicate", "worker"]) == 3
     assert board.describe(["replicate", "worker"]) == ("replicate is misconfigured; worker is open")
+
+
+def _half_open_with_a_straggler(now: list[float]) -> tuple[HealthBoard, AbstractContextManager[bool]]:
+    """A worker whose breaker is half-open, and an attempt (still running) admitted while it was closed."""
+    board = HealthBoard(failure_threshold=1, open_seconds=5, clock=lambda: now[0], probe_seconds=2)
+    board.register("worker", max_in_flight=8)
+    straggler = board.attempt("worker")
+    assert straggler.__enter__()  # admitted while closed; its job runs on
+    board.failure("worker", "worker answered 500")  # another job's failure opens the breaker
+    now[0] = 6.0
+    assert board.status("worker") == "degraded" and board.admits("worker")  # half-open: one trial
+    return board, straggler
+
+
+def test_an_attempt_that_did_not_take_the_trial_never_frees_its_slot() -> None:
+    now = [0.0]
+    board, straggler = _half_open_with_a_straggler(now)
+    with board.attempt("worker") as trial:
+        assert trial
+        straggler.__exit__(None, None, None)  # ends without a verdict (cancelled): the trial is not its to free
+        with board.attempt("worker") as third:
+            assert not third  # the trial still runs: no second one
+    with board.attempt("worker") as after:
+        assert after  # the trial ended without a verdict: its slot is free again
+
+
+def test_a_throttled_attempt_that_is_not_the_trial_leaves_the_slot_taken() -> None:
+    now = [0.0]
+    board, straggler = _half_open_with_a_straggler(now)
+    with board.attempt("worker") as trial:
+        assert trial
+        board.throttled("worker", 1)  # the straggler is answered 429
+        straggler.__exit__(None, None, None)
+        now[0] = 7.5  # past its Retry-After: only the trial holds other jobs back
+        assert board.has_capacity("worker") and not board.admits("worker")
+        with board.attempt("worker") as third:
+            assert not third
+
+
+def test_a_probe_seeing_the_backend_down_and_up_again_does_not_start_a_second_trial() -> None:
+    now = [0.0]
+    board, straggler = _half_open_with_a_straggler(now)
+    straggler.__exit__(None, None, None)
+    with board.attempt("worker") as trial:
+        assert trial
+        board.probed("worker", Probe("down", "worker cannot be reached (ConnectError)."))
+        now[0] = 7.0
+        board.probed("worker", Probe("up"))  # half-open again at once, but the first trial has not ended
+        assert board.status("worker") == "degraded" and not board.admits("worker")
+        with board.attempt("worker") as second:
+            assert not second
+    assert board.admits("worker")
+
+
+def test_a_re_attached_job_neither_steals_nor_frees_a_trial_and_is_the_trial_when_the_slot_is_free() -> None:
+    now = [0.0]
+    board, straggler = _half_open_with_a_straggler(now)
+    straggler.__exit__(None, None, None)
+    with board.attempt("worker") as trial:
+        assert trial
+        with board.attempt("worker", admitted=True) as reattached:
+            assert reattached  # a provider job already running is always waited on
+        assert not board.admits("worker")  # ...but it did not free the trial it never took
+    with board.attempt("worker", admitted=True) as reattached:
+        assert reattached and not board.admits("worker")  # the slot was free: the re-attached job is the trial
+    assert board.admits("worker")
+
+
+def test_an_attempt_is_admitted_only_with_capacity_left() -> None:
+    now = [0.0]
+    board = HealthBoard(failure_threshold=3, open_seconds=30, clock=lambda: now[0])
+    board.register("fal", max_in_flight=1)
+    with board.attempt("fal") as first:
+        # Routing saw room for both; the first took the one slot meanwhile.
+        with board.attempt("fal") as second:
+            assert first and not second and board.backends["fal"].in_flight == 1
+        with board.attempt("fal", admitted=True) as reattached:
+            assert reattached and board.backends["fal"].in_flight == 2  # already running there: always waited on
+    board.throttled("fal", 3)
+    with board.attempt("fal") as throttled:
+        assert not throttled and board.backends["fal"].in_flight == 0
+    now[0] = 3.0
+    with board.attempt("fal") as later:
+        assert later
 
 
 def test_a_worker_probe_tells_loading_from_down_and_says_why() -> None:

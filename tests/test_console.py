@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import hmac
 import html
 import io
 import logging
@@ -10,7 +13,10 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -70,6 +76,17 @@ def playground_form(client: httpx.Client, **fields: str) -> dict[str, str]:
         "size": "1024x1024",
         "steps": "2",
     } | fields
+
+
+def generate(client: httpx.Client, **fields: str) -> httpx.Response:
+    """Generate in the playground: a 303 to the result's own page (POST-redirect-GET), and that page."""
+    made = client.post("/console/playground", data=playground_form(client, **fields))
+    assert made.status_code == 303, made.text
+    where = made.headers["location"]
+    assert re.fullmatch(r"/console/playground\?prediction=gen_[0-9a-f]+", where), where
+    result = client.get(where)
+    assert result.status_code == 200, result.text
+    return result
 
 
 def ended_page(client: httpx.Client, path: str, reason: str) -> str:
@@ -165,7 +182,7 @@ def test_every_console_answer_carries_the_security_headers(sqlite_gateway: Gatew
     for name, resp in answers.items():
         assert resp.headers["content-security-policy"] == CSP, name
         assert resp.headers["x-frame-options"] == "DENY", name
-        assert resp.headers["referrer-policy"] == "no-referrer", name
+        assert resp.headers["referrer-policy"] == "same-origin", name
         assert resp.headers["x-content-type-options"] == "nosniff", name
     assert answers["unknown page"].status_code == 404 and "<h1>Not found</h1>" in answers["unknown page"].text
     assert answers["bad query"].status_code == 400
@@ -327,8 +344,7 @@ def test_the_playground_makes_one_billed_png_through_the_api_path(
     client.event_hooks["response"] = [lambda r: urls.extend([str(r.request.url), r.headers.get("location", "")])]
     before = client.get("/console/overview").text
     assert "$0.00 of $10.00 used." in before
-    resp = client.post("/console/playground", data=playground_form(client, prompt="a paper boat", seed="42"))
-    assert resp.status_code == 200, resp.text
+    resp = generate(client, prompt="a paper boat", seed="42")
     page = resp.text
     src = re.search(r'<img src="(/files/file_[^"]+)" alt="Generated image"', page)
     assert src is not None
@@ -345,6 +361,11 @@ def test_the_playground_makes_one_billed_png_through_the_api_path(
     events = gw.client.get("/v1/usage/events", headers=bearer).json()
     assert events["summary"] == {"requests": 1, "images": 1, "price_usd": "0.010486"}
     assert events["data"][0]["api_key_id"] == tenant["key_id"]
+    # The result is a page of its own: reloading it reads the stored prediction and bills nothing more.
+    again = client.get(str(resp.url))
+    assert again.status_code == 200 and src[1] in again.text and "<dt>Seed</dt><dd>42</dd>" in again.text
+    assert ">a paper boat</textarea>" in again.text and 'value="42"' in again.text  # the form as it was sent
+    assert gw.client.get("/v1/usage/events", headers=bearer).json()["summary"]["requests"] == 1
     assert "$0.010486 of $10.00 used." in client.get("/console/overview").text
     header, rows = table(client.get("/console/predictions").text, "Recent predictions")
     assert header == ["Created", "Status", "Model", "Backend", "Latency (ms)", "Image"]
@@ -358,13 +379,44 @@ def test_the_playground_makes_one_billed_png_through_the_api_path(
     assert tenant["api_key"] not in caplog.text
 
 
+def test_a_playground_result_is_a_page_of_the_tenants_own_prediction(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    mine, theirs = gw.create_tenant(), gw.create_tenant()
+    assert gw.generate(theirs["api_key"], prompt="their secret lighthouse").status_code == 200
+    client = sign_in(gw, mine["api_key"])
+    page = generate(client, prompt="a quiet harbour").text  # a random seed: the form keeps it empty
+    own_id = re.search(r"<code>(gen_[0-9a-f]+)</code>", page)
+    assert own_id is not None and 'placeholder="random" value=""' in page
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    (other,) = db.execute("SELECT id FROM predictions WHERE tenant_id = ?", (theirs["tenant_id"],)).fetchone()
+    for wrong in (other, "gen_" + "0" * 24, "nonsense", "'; DROP TABLE predictions"):
+        resp = client.get("/console/playground", params={"prediction": wrong})
+        assert resp.status_code == 404 and "There is no such prediction." in resp.text, wrong
+        assert "lighthouse" not in resp.text
+
+    # A job still running shows its status, and the page to reload for its image.
+    far = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with db:
+        db.execute(
+            "UPDATE predictions SET status = 'processing', lease_owner = 'elsewhere', lease_expires_at = ?"
+            " WHERE id = ?",
+            (far, own_id[1]),
+        )
+    running = client.get("/console/playground", params={"prediction": own_id[1]})
+    assert running.status_code == 200 and "Still running" in running.text
+    assert f'href="/console/playground?prediction={own_id[1]}"' in running.text
+    assert 'alt="Generated image"' not in running.text and ">a quiet harbour</textarea>" in running.text
+    with db:
+        db.execute("UPDATE predictions SET status = 'failed', error = 'The backend failed.' WHERE id = ?", (own_id[1],))
+    failed = client.get("/console/playground", params={"prediction": own_id[1]})
+    assert "The request failed" in failed.text and "The backend failed." in failed.text
+
+
 def test_the_playground_code_samples_run_as_shown(sqlite_gateway: Gateway, tmp_path: Any) -> None:
     gw = sqlite_gateway
     tenant = gw.create_tenant()
     client = sign_in(gw, tenant["api_key"])
-    page = client.post(
-        "/console/playground", data=playground_form(client, prompt='it\'s a "quoted" fox', seed="7")
-    ).text
+    page = generate(client, prompt='it\'s a "quoted" fox', seed="7").text
     samples = {
         title: html.unescape(code)
         for title, code in re.findall(
@@ -428,7 +480,7 @@ def test_names_and_prompts_are_escaped_everywhere(sqlite_gateway: Gateway) -> No
     tenant = gw.create_tenant(name="<script>alert(1)</script>")
     client = sign_in(gw, tenant["api_key"])
     prompt = '<img src=x onerror="alert(2)">'
-    result = client.post("/console/playground", data=playground_form(client, prompt=prompt)).text
+    result = generate(client, prompt=prompt).text
     admin = sign_in(gw, ADMIN_TOKEN)
     pages = [result, client.get("/console/overview").text, client.get("/console/predictions").text]
     pages.append(admin.get("/console/admin").text)
@@ -506,6 +558,263 @@ def test_admin_pages_show_tenants_backends_and_failures_with_their_raw_error_tex
     assert "CUDA error: device-side assert &lt;triggered&gt;" in page  # the provider's words, escaped
     tenant_view = sign_in(gw, tenant["api_key"]).get("/console/predictions").text
     assert "failed" in tenant_view and failed.json()["error"]["message"][:40] in html.unescape(tenant_view)
+
+
+# -- who may manage keys -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [{"rpm": 60}, {"monthly_budget_usd": "2"}, {"max_in_flight": 1}])
+def test_a_key_with_limits_of_its_own_cannot_create_or_revoke_keys(
+    sqlite_gateway: Gateway, limit: dict[str, Any]
+) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    made = gw.admin("POST", f"/admin/tenants/{tenant['tenant_id']}/keys", json=limit)
+    assert made.status_code == 201, made.text
+    limited, owner = sign_in(gw, made.json()["api_key"]), sign_in(gw, tenant["api_key"])
+
+    page = limited.get("/console/keys").text
+    assert "This key has its own limits, so it cannot create or revoke keys; an admin can." in page
+    assert ">Create key</button>" not in page and ">Revoke</button>" not in page
+    assert len(table(page, "Keys")[1]) == 2  # still listed, read-only
+    token = csrf_of(limited)
+    refused = limited.post("/console/keys", data={"csrf": token})
+    assert refused.status_code == 403 and "This key has its own limits" in refused.text
+    for key_id in (tenant["key_id"], made.json()["key_id"]):
+        refused = limited.post(f"/console/keys/{key_id}/revoke", data={"csrf": token})
+        assert refused.status_code == 403 and "This key has its own limits" in refused.text
+    keys = gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]
+    assert len(keys) == 2 and all(k["revoked_at"] is None for k in keys)  # nothing made, nothing revoked
+
+    # The tenant's own key (no limits of its own) can do both.
+    assert ">Create key</button>" in owner.get("/console/keys").text
+    assert owner.post("/console/keys", data={"csrf": csrf_of(owner)}).status_code == 201
+    revoked = owner.post(f"/console/keys/{made.json()['key_id']}/revoke", data={"csrf": csrf_of(owner)})
+    assert revoked.status_code == 303
+    keys = gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]
+    assert len(keys) == 3 and [k["id"] for k in keys if k["revoked_at"]] == [made.json()["key_id"]]
+
+
+def test_the_overview_shows_the_signed_in_keys_own_budget(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant(monthly_budget_usd="10")
+    made = gw.admin("POST", f"/admin/tenants/{tenant['tenant_id']}/keys", json={"monthly_budget_usd": "2"}).json()
+    assert gw.generate(made["api_key"]).status_code == 200
+    page = html.unescape(sign_in(gw, made["api_key"]).get("/console/overview").text)
+    assert "$0.010486 of $10.00 used." in page  # the tenant's
+    assert "This key's own budget" in page and "$0.010486 of $2.00 used." in text_of(page)
+    assert "This key's own budget" not in sign_in(gw, tenant["api_key"]).get("/console/overview").text
+
+
+# -- sign-in: throttling, Origin: null, sessions per key, the admin fingerprint --------------------------------------
+
+
+def test_sign_ins_sent_all_at_once_are_throttled_like_one_after_another(
+    make_gateway: GatewayFactory, sqlite_url: str
+) -> None:
+    gw = make_gateway(sqlite_url, console_sign_in_failures=3)
+    barrier = threading.Barrier(12)
+
+    def guess(i: int) -> int:
+        with browser(gw) as client:
+            barrier.wait()
+            return client.post("/console/sign-in", data={"token": f"hdg_wrong-guess-{i}"}).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(pool.map(guess, range(12)))
+    assert codes == [401] * 3 + [429] * 9
+
+
+def test_failed_sign_ins_remember_few_addresses_cheaply() -> None:
+    from gateway.console.sessions import FailedSignIns
+
+    throttle = FailedSignIns(2, window_seconds=60, max_clients=100)
+    assert throttle.attempt("10.0.0.1", now=0) == 0 and throttle.attempt("10.0.0.1", now=1) == 0
+    assert throttle.attempt("10.0.0.1", now=2) == 59  # two failures in the minute: wait for the first to age
+    throttle.forgive("10.0.0.2")  # an address never seen: nothing to forget, nothing remembered
+    assert len(throttle) == 1
+    assert throttle.attempt("10.0.0.3", now=3) == 0
+    throttle.forgive("10.0.0.3")  # its key was right: the address is forgotten
+    assert len(throttle) == 1
+    assert throttle.attempt("10.0.0.1", now=61) == 0  # the first failure has aged out
+    started = time.perf_counter()
+    for i in range(20_000):
+        throttle.attempt(f"192.0.2.{i}", now=100 + i / 1000)
+    assert time.perf_counter() - started < 1.0 and len(throttle) == 100  # bounded, and O(1) per call
+    assert throttle.attempt("192.0.2.19999", now=121) == 0  # still remembered: it was seen last
+    assert throttle.attempt("192.0.2.19999", now=121) == 59
+
+
+def test_origin_null_is_refused_on_every_console_post(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    for site in ({}, {"Sec-Fetch-Site": "same-origin"}):
+        headers = {"Origin": "null", **site}
+        refused = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN}, headers=headers)
+        assert refused.status_code == 403 and "set-cookie" not in refused.headers, site
+        client = sign_in(gw, tenant["api_key"])
+        made = client.post("/console/keys", data={"csrf": csrf_of(client)}, headers=headers)
+        assert made.status_code == 403 and "<h1>Forbidden</h1>" in made.text, site
+    assert len(gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]) == 1
+    own = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN}, headers={"Origin": gw.url})
+    assert own.status_code == 303  # what a browser sends under Referrer-Policy: same-origin
+
+
+def test_signing_in_again_replaces_the_session_and_each_key_keeps_at_most_twenty(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+
+    def count(column: str, value: str) -> int:
+        queries = {
+            "role": "SELECT count(*) FROM console_sessions WHERE role = ?",
+            "key": "SELECT count(*) FROM console_sessions WHERE api_key_id = ?",
+        }
+        found: int = db.execute(queries[column], (value,)).fetchone()[0]
+        return found
+
+    client = sign_in(gw, tenant["api_key"])
+    first = client.cookies["hdg_console"]
+    assert client.post("/console/sign-in", data={"token": tenant["api_key"]}).status_code == 303
+    assert client.cookies["hdg_console"] != first and count("role", "tenant") == 1  # replaced, not added
+    assert httpx.get(f"{gw.url}/console/keys", cookies={"hdg_console": first}).status_code == 303
+    assert client.post("/console/sign-in", data={"token": ADMIN_TOKEN}).status_code == 303
+    assert count("role", "tenant") == 0 and count("role", "admin") == 1  # the same browser, now the admin
+
+    browsers = [sign_in(gw, tenant["api_key"]) for _ in range(22)]
+    assert count("key", tenant["key_id"]) == 20
+    for ended in browsers[:2]:  # the oldest two went
+        assert ended.get("/console/overview").headers["location"] == "/console/sign-in"
+    assert all(b.get("/console/overview").status_code == 200 for b in browsers[2:])
+    admins = [sign_in(gw, ADMIN_TOKEN) for _ in range(21)]
+    assert count("role", "admin") == 20 and admins[0].get("/console/admin").status_code == 303
+
+
+def test_the_admin_session_keeps_an_scrypt_of_the_token(make_gateway: GatewayFactory, sqlite_url: str) -> None:
+    secret = "a-url-signing-secret-of-32-chars!"
+    gw = make_gateway(sqlite_url, url_signing_secret=secret)
+    sign_in(gw, ADMIN_TOKEN)
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    (kept,) = db.execute("SELECT admin_fingerprint FROM console_sessions").fetchone()
+    console_key = hmac.new(secret.encode(), b"hdg-console-csrf", hashlib.sha256).digest()
+    salt = b"hdg-console-admin:" + console_key
+    assert kept == hashlib.scrypt(ADMIN_TOKEN.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32).hex()
+    assert kept != hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
+
+
+# -- error pages ---------------------------------------------------------------------------------------------------
+
+
+def test_a_dead_cookie_is_cleared_by_the_sign_in_page(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    page = httpx.get(f"{gw.url}/console/sign-in", cookies={"hdg_console": "no-such-session"})
+    assert page.status_code == 200 and "<h1>Sign in</h1>" in page.text
+    assert 'hdg_console=""' in page.headers["set-cookie"] and "Max-Age=0" in page.headers["set-cookie"]
+    assert 'autocomplete="off"' in page.text
+    assert "set-cookie" not in httpx.get(f"{gw.url}/console/sign-in").headers  # no cookie, nothing to clear
+
+
+def test_console_errors_are_pages_and_api_errors_stay_json(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    client = sign_in(gw, gw.create_tenant()["api_key"])
+    wrong = client.post("/console/overview", data={"csrf": csrf_of(client)})
+    assert wrong.status_code == 405 and wrong.headers["content-type"].startswith("text/html")
+    assert "<h1>Method not allowed</h1>" in wrong.text and wrong.headers["allow"] == "GET"
+    assert wrong.headers["content-security-policy"] == CSP
+    api = gw.client.post("/readyz")
+    assert api.status_code == 405 and api.json()["error"]["code"] == "method_not_allowed"
+
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    with db:
+        db.execute("ALTER TABLE console_sessions RENAME TO console_sessions_gone")
+    broken = client.get("/console/overview")
+    assert broken.status_code == 500 and broken.headers["content-type"].startswith("text/html")
+    assert "<h1>Something went wrong</h1>" in broken.text
+    assert f"request id {broken.headers['x-request-id']}" in broken.text
+    assert broken.headers["content-security-policy"] == CSP and broken.headers["cache-control"] == "no-store"
+    with db:
+        db.execute("ALTER TABLE console_sessions_gone RENAME TO console_sessions")
+    # Back again (on a new connection: the server closes one an unexpected error went through).
+    assert httpx.get(f"{gw.url}/console/overview", cookies=dict(client.cookies)).status_code == 200
+
+
+def test_app_state_has_no_console_defaults_to_ignore_settings_with() -> None:
+    from gateway.state import AppState
+
+    fields = {f.name: f for f in dataclasses.fields(AppState)}
+    for name in ("console_key", "admin_fingerprint", "sign_ins"):
+        assert fields[name].default is dataclasses.MISSING, name
+        assert fields[name].default_factory is dataclasses.MISSING, name
+
+
+def test_money_is_written_as_the_api_writes_it_and_steps_are_bounded_like_the_api() -> None:
+    from gateway.api.console import MAX_STEPS
+    from gateway.api.images import ImageGenerationRequest
+    from gateway.api.serialize import usd_text
+    from gateway.console.views import usd
+
+    for amount in (Decimal("10"), Decimal("0.1"), Decimal("0.010486"), Decimal("100.5"), Decimal("0.000001")):
+        assert usd(amount) == f"${usd_text(amount)}"
+    assert usd(15_000, micros=True) == "$0.015" and usd(10_000_000, micros=True) == "$10.00" and usd(None) == ""
+    field = ImageGenerationRequest.model_fields["num_inference_steps"]
+    assert next(rule.le for rule in field.metadata if hasattr(rule, "le")) == MAX_STEPS
+
+
+def test_backend_statistics_read_every_job_completed_in_the_last_24_hours(database_url: str) -> None:
+    from sqlalchemy import insert
+
+    from gateway.console.views import backend_stats
+    from gateway.storage import repo
+    from gateway.storage.db import create_engine, session_factory, upgrade
+    from gateway.storage.models import new_id
+
+    now = datetime.now(UTC)
+    recent, old = now - timedelta(hours=1), now - timedelta(hours=25)
+
+    async def check() -> None:
+        engine = create_engine(database_url)
+        try:
+            await upgrade(engine)
+            sessions = session_factory(engine)
+            async with sessions.begin() as session:
+                tenant = await repo.create_tenant(session, name="stats")
+                key = await repo.add_key(session, tenant_id=tenant.id, key_hash="1" * 64, display_prefix="hdg_x")
+
+            def job(*, created: datetime, completed: datetime, latency: int, outcome: str) -> dict[str, Any]:
+                return {
+                    "id": new_id("gen"),
+                    "tenant_id": tenant.id,
+                    "api_key_id": key.id,
+                    "model": "hidream-i1-fast",
+                    "status": "succeeded" if outcome == "succeeded" else "failed",
+                    "prompt": "p",
+                    "params": {},
+                    "width": 1024,
+                    "height": 1024,
+                    "n": 1,
+                    "seed": 1,
+                    "backend": "fal",
+                    "latency_ms": latency,
+                    "created_at": created,
+                    "completed_at": completed,
+                    "available_at": created,
+                    "attempt_log": [{"backend": "fal", "outcome": outcome, "status": None, "message": ""}],
+                }
+
+            # More jobs than any fixed cap, one created 30 h ago but completed within the day, and three
+            # completed 25 h ago (outside it).
+            rows = [job(created=recent, completed=recent, latency=100, outcome="succeeded") for _ in range(5001)]
+            rows.append(job(created=now - timedelta(hours=30), completed=recent, latency=100, outcome="failed"))
+            rows += [job(created=old, completed=old, latency=9000, outcome="failed") for _ in range(3)]
+            async with sessions.begin() as session:
+                await session.execute(insert(repo.PREDICTIONS), rows)
+            async with sessions() as session:
+                stats = (await backend_stats(session, names=["fal"], now=now))["fal"]
+            assert (stats.attempts, stats.errors, stats.latency_p50_ms) == (5002, 1, 100)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
 
 
 # -- charts --------------------------------------------------------------------------------------------------------

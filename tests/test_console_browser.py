@@ -378,6 +378,12 @@ def test_playground_makes_an_image_and_the_overview_shows_the_usage_and_spend(pa
     fetched = httpx.get(live.url + src if src.startswith("/") else src, timeout=30)
     assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
 
+    # The result is a page of its own (POST-redirect-GET): reloading it shows the same image and bills nothing.
+    expect(page).to_have_url(re.compile(r"/console/playground\?prediction=gen_[0-9a-f]+$"))
+    page.reload()
+    assert image_loaded(page.get_by_role("img", name="Generated image"))
+    expect(page.get_by_label("Prompt")).to_have_value("a lighthouse at dusk, oil painting")
+
     nav(page, "Overview")
     heading(page, "Overview")
     spent_after = money(budget.inner_text())

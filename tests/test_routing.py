@@ -106,12 +106,13 @@ def test_breaker_opens_after_threshold_then_admits_one_trial() -> None:
     b.on_failure(now=1)
     assert b.current(1) == "open" and not b.admits(now=5)
     assert b.admits(now=11) and b.current(11) == "half_open"
-    b.on_start(now=11)
+    assert b.claim(now=11) and not b.claim(now=11)
     assert not b.admits(now=11)  # only one trial at a time
     b.on_failure(now=12)
     assert b.current(12) == "open" and not b.admits(now=15)  # a failed trial reopens at once
+    b.release()  # the trial's attempt ended
     assert b.admits(now=22)
-    b.on_start(now=22)
+    assert b.claim(now=22)
     b.on_success()
     assert b.current(22) == "closed" and b.consecutive_failures == 0
 

@@ -2,17 +2,23 @@
 
 Sign-in exchanges a key or the admin token (in a POST body, never a URL) for an HttpOnly, SameSite=Strict cookie;
 every page re-checks the session in the database (gateway/console/sessions.py). Every POST after sign-in carries a
-CSRF token, and any POST whose Origin is another site's is refused.
+CSRF token, and any POST whose Origin is another site's (or "null") is refused. Errors under /console are pages,
+never the API's JSON.
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.deps import public_base_url
 from gateway.api.images import MAX_SEED, ImageGenerationRequest, generate_image
@@ -20,13 +26,23 @@ from gateway.auth import Principal, hash_key, issue_key
 from gateway.backends.base import ImageJob
 from gateway.console import sessions
 from gateway.console.charts import series_class, stacked_bars
-from gateway.console.pages import STATIC_TYPES, FormError, code_samples, parse_form, render, static_file
+from gateway.console.pages import (
+    PREFIX,
+    SECURITY_HEADERS,
+    STATIC_TYPES,
+    FormError,
+    code_samples,
+    parse_form,
+    render,
+    static_file,
+)
 from gateway.console.sessions import COOKIE, COOKIE_PATH, ENDED, SessionEnded, Viewer
 from gateway.console.views import (
     attempt_lines,
     backend_stats,
     budget,
     daily_usage,
+    key_budget,
     keys_with_last_use,
     recent_failures,
     recent_predictions,
@@ -42,7 +58,8 @@ from gateway.storage.models import is_id
 from gateway.webhooks import tenant_secret
 from inference.variants import MODEL_IDS, RESOLUTIONS
 
-router = APIRouter(prefix="/console", include_in_schema=False)
+log = logging.getLogger("hidream_gateway.console")
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 TENANT_NAV = [
     ("Overview", "/console/overview"),
@@ -58,7 +75,11 @@ ADMIN_NAV = [
 ]
 SIZES = [f"{w}x{h}" for w, h in RESOLUTIONS]
 DEFAULT_SIZE, DEFAULT_MODEL = "1024x1024", "hidream-i1-fast"
-MAX_STEPS = 100
+# The API's own bound, so the form and POST /v1/images/generations never disagree.
+MAX_STEPS = next(
+    int(rule.le) for rule in ImageGenerationRequest.model_fields["num_inference_steps"].metadata if hasattr(rule, "le")
+)
+RESTRICTED = "This key has its own limits, so it cannot create or revoke keys; an admin can."
 
 
 class Leave(Exception):
@@ -69,14 +90,61 @@ class Leave(Exception):
         self.response = response
 
 
+def in_console(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
+
+
+async def answer_with(handler: Handler, request: Request, exc: Exception) -> Response:
+    answer = handler(request, exc)
+    return await answer if inspect.isawaitable(answer) else answer
+
+
 def install(app: FastAPI) -> None:
-    """Add the console's routes and its one exception handler to ``app``."""
+    """Add the console's routes and its exception handlers to ``app``.
+
+    Call it after the API's handlers are installed: under /console, an HTTP error (a POST to a page that only
+    answers GET: 405) and an unexpected error (the database is down: 500) become pages with the same status;
+    everywhere else the API's own handlers answer as before.
+    """
+    api_http: Handler = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
+    api_unexpected: Handler | None = app.exception_handlers.get(Exception)
 
     async def leave(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Leave)
         return exc.response
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if not in_console(request.url.path):
+            return await answer_with(api_http, request, exc)
+        if exc.status_code == 405:
+            title, message = "Method not allowed", f"This page does not accept {request.method} requests."
+        elif exc.status_code == 404:
+            title, message = "Not found", "There is no such page in the console."
+        else:
+            title, message = "Request refused", str(exc.detail)
+        return error_page(exc.status_code, title, message, headers=dict(exc.headers or {}))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        if not in_console(request.url.path) and api_unexpected is not None:
+            return await answer_with(api_unexpected, request, exc)
+        request_id = getattr(request.state, "request_id", None)
+        log.exception("unhandled console error (request %s)", request_id)
+        # Answered from outside every middleware (Starlette's server-error layer): the headers are added here.
+        headers = dict(SECURITY_HEADERS) | ({"X-Request-Id": request_id} if request_id else {})
+        return error_page(
+            500,
+            "Something went wrong",
+            f"The console could not finish this request. Quote request id {request_id} to the gateway's admin.",
+            headers=headers,
+        )
+
     app.add_exception_handler(Leave, leave)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
 
 
@@ -118,27 +186,24 @@ def own_origin(request: Request, state: AppState) -> set[str]:
 
 
 def check_origin(request: Request, state: AppState) -> None:
-    """Refuse a POST another site's page sent: a foreign Origin, or Sec-Fetch-Site saying cross-site."""
+    """Refuse a POST another site's page sent: a foreign Origin, or Sec-Fetch-Site saying cross-site.
+
+    ``Origin: null`` is refused too: a sandboxed frame of any site sends it, and the console's own pages never do
+    (their Referrer-Policy is same-origin, so the browser sends their real origin).
+    """
     origin = request.headers.get("origin")
-    site = request.headers.get("sec-fetch-site")
-    if origin == "null":
-        # Under Referrer-Policy: no-referrer a browser sends "Origin: null" with its own same-origin form POSTs
-        # too; then Sec-Fetch-Site (which a page cannot forge) says where the form came from.
-        foreign = site not in (None, "same-origin")
-    else:
-        foreign = origin is not None and origin not in own_origin(request, state)
-    if foreign or site == "cross-site":
+    foreign = origin is not None and origin not in own_origin(request, state)
+    if foreign or request.headers.get("sec-fetch-site") == "cross-site":
         raise Leave(error_page(403, "Forbidden", "This form was sent from another site, so it was refused."))
 
 
 async def current_viewer(request: Request) -> Viewer:
     """The signed-in viewer, checked against the database now; anyone else goes to the sign-in page."""
     state = state_of(request)
-    token = state.settings.admin_token
     try:
         async with state.sessions() as session:
             return await sessions.resolve(
-                session, cookie=request.cookies.get(COOKIE), admin_token=token.get_secret_value() if token else None
+                session, cookie=request.cookies.get(COOKIE), admin_fingerprint=state.admin_fingerprint
             )
     except SessionEnded as ended:
         raise Leave(to_sign_in(ended.reason)) from None
@@ -211,17 +276,23 @@ async def sign_in_page(request: Request, ended: str | None = None) -> Response:
     try:
         viewer = await current_viewer(request)
     except Leave:
-        return sign_in_form(notice=ENDED.get(ended or ""))
+        form = sign_in_form(notice=ENDED.get(ended or ""))
+        # A cookie that names no session any more is cleared here too, not sent with every page from now on.
+        return clear_cookie(form) if COOKIE in request.cookies else form
     return RedirectResponse(home(viewer), status_code=303)
 
 
 @router.post("/sign-in")
 async def sign_in(request: Request) -> Response:
-    """A key or the admin token for a session cookie; failures are counted per client address and throttled."""
+    """A key or the admin token for a session cookie; failures are counted per client address and throttled.
+
+    Each attempt counts as a failure until its credentials prove right (then it is forgiven), so sign-ins sent
+    all at once are throttled like sign-ins sent one after another.
+    """
     state = state_of(request)
     form = await read_form(request, state, None)
     client = request.client.host if request.client else "unknown"
-    wait = state.sign_ins.blocked_for(client)
+    wait = state.sign_ins.attempt(client)
     if wait:
         return sign_in_form(
             status_code=429,
@@ -230,26 +301,31 @@ async def sign_in(request: Request) -> Response:
         )
     given = form.get("token", "").strip()
     if not given:
+        state.sign_ins.forgive(client)  # nothing was guessed
         return sign_in_form(status_code=400, error="Enter an API key or the admin token.")
     admin = state.settings.admin_token
     hours = state.settings.console_session_hours
+    replacing = request.cookies.get(COOKIE)  # this browser's previous session, replaced by the new one
     async with state.sessions.begin() as session:
         if admin is not None and sessions.is_admin_token(given, admin.get_secret_value()):
-            cookie, _ = await sessions.start_admin_session(session, admin_token=given, hours=hours)
+            assert state.admin_fingerprint is not None  # computed at start-up whenever an admin token is set
+            state.sign_ins.forgive(client)
+            cookie, _ = await sessions.start_admin_session(
+                session, fingerprint=state.admin_fingerprint, hours=hours, replacing=replacing
+            )
             where = "/console/admin"
         else:
             found = await repo.find_key_by_hash(session, key_hash=hash_key(given))
             # The lookup is by hash; compare again in constant time so no change to it can become an oracle.
             if found is None or not hmac.compare_digest(found[0].key_hash, hash_key(given)):
-                state.sign_ins.failed(client)
                 return sign_in_form(status_code=401, error="That key or token was not recognised.")
             key, tenant = found
             if key.revoked_at is not None:
-                state.sign_ins.failed(client)
                 return sign_in_form(status_code=403, error="This API key has been revoked.")
+            state.sign_ins.forgive(client)  # a real key: no guess
             if tenant.status != "active":
                 return sign_in_form(status_code=403, error="This tenant is disabled.")
-            cookie, _ = await sessions.start_tenant_session(session, key=key, hours=hours)
+            cookie, _ = await sessions.start_tenant_session(session, key=key, hours=hours, replacing=replacing)
             where = "/console/overview"
     response = RedirectResponse(where, status_code=303)
     secure = request.url.scheme == "https" or state.settings.console_secure_cookie
@@ -284,8 +360,10 @@ async def overview(request: Request, viewer: TenantDep, by: str = "model") -> Re
         return error_page(400, "Bad request", "'by' must be 'model' or 'backend'.")
     assert viewer.tenant is not None
     state, now = state_of(request), datetime.now(UTC)
+    assert viewer.key is not None
     async with state.sessions() as session:
         money = await budget(session, tenant=viewer.tenant, now=now)
+        own = await key_budget(session, key=viewer.key, now=now)
         usage = await daily_usage(session, tenant_id=viewer.tenant.id, by=by, now=now)
     images_chart = stacked_bars(
         title="Images per day",
@@ -307,6 +385,7 @@ async def overview(request: Request, viewer: TenantDep, by: str = "model") -> Re
         request,
         viewer,
         budget=money,
+        key_budget=own,
         usage=usage,
         by=by,
         images_chart=images_chart,
@@ -336,8 +415,42 @@ def playground(request: Request, viewer: Viewer, *, status_code: int = 200, **co
 
 
 @router.get("/playground")
-async def playground_page(request: Request, viewer: TenantDep) -> Response:
-    return playground(request, viewer)
+async def playground_page(request: Request, viewer: TenantDep, prediction: str | None = None) -> Response:
+    """The form; with ``prediction`` (where a generation redirects), that prediction's result under it.
+
+    Reloading the result reads the stored prediction again: nothing is generated, nothing billed.
+    """
+    if prediction is None:
+        return playground(request, viewer)
+    assert viewer.tenant is not None
+    state = state_of(request)
+    async with state.sessions() as session:
+        p = await repo.get_prediction(session, tenant_id=viewer.tenant.id, prediction_id=prediction)
+        files = await repo.list_files(session, prediction_id=p.id) if p is not None else []
+    if p is None:  # unknown, malformed, or another tenant's
+        return error_page(404, "Not found", "There is no such prediction.")
+    sent = p.params.get("input")  # the request as it was sent, so a seed left empty stays empty
+    sent = sent if isinstance(sent, dict) else {}
+    steps = sent.get("num_inference_steps") if isinstance(sent.get("num_inference_steps"), int) else None
+    values = {
+        "prompt": p.prompt,
+        "model": p.model,
+        "size": f"{p.width}x{p.height}",
+        "seed": str(sent["seed"]) if isinstance(sent.get("seed"), int) else "",
+        "steps": "" if steps is None else str(steps),
+    }
+    if p.status != "succeeded" or not files:
+        return playground(request, viewer, values=values, unfinished=p)
+    samples = code_samples(
+        base_url=public_base_url(request, state),
+        model=p.model,
+        prompt=p.prompt,
+        size=f"{p.width}x{p.height}",
+        seed=p.seed,
+        steps=steps,
+    )
+    image = state.signer.sign("", files[0].id)  # relative: the page's own origin (CSP img-src 'self')
+    return playground(request, viewer, values=values, result=p, image_url=image, samples=samples)
 
 
 def _whole(text: str, low: int, high: int) -> int | None:
@@ -378,7 +491,11 @@ def check_playground(values: dict[str, str], max_chars: int) -> tuple[dict[str, 
 
 @router.post("/playground")
 async def generate(request: Request, viewer: TenantDep) -> Response:
-    """One image through the same path as POST /v1/images/generations, with this session's tenant and key."""
+    """One image through the same path as POST /v1/images/generations, with this session's tenant and key.
+
+    Made, it answers 303 to the result's own page (POST-redirect-GET), so reloading that page bills nothing. A
+    refusal (nothing billed) is shown at once, the form as it was typed.
+    """
     state = state_of(request)
     form = await read_form(request, state, viewer)
     values = {name: form.get(name, default).strip() for name, default in playground_defaults().items()}
@@ -404,17 +521,7 @@ async def generate(request: Request, viewer: TenantDep) -> Response:
         )
     if generated is None:  # the browser went away; nobody reads this
         return Response(status_code=499)
-    p = generated.done.prediction
-    image = state.signer.sign("", generated.done.files[0].id)  # relative: the page's own origin (CSP img-src 'self')
-    samples = code_samples(
-        base_url=public_base_url(request, state),
-        model=p.model,
-        prompt=p.prompt,
-        size=f"{p.width}x{p.height}",
-        seed=p.seed,
-        steps=body.num_inference_steps,
-    )
-    return playground(request, viewer, values=values, result=p, image_url=image, samples=samples)
+    return RedirectResponse(f"/console/playground?prediction={generated.done.prediction.id}", status_code=303)
 
 
 @router.get("/predictions")
@@ -433,7 +540,15 @@ async def keys_page(
     assert viewer.tenant is not None
     async with state_of(request).sessions() as session:
         rows = await keys_with_last_use(session, tenant_id=viewer.tenant.id)
-    return page("keys.html", request, viewer, status_code=status_code, rows=rows, new_key=new_key)
+    return page(
+        "keys.html", request, viewer, status_code=status_code, rows=rows, new_key=new_key, restricted=RESTRICTED
+    )
+
+
+def may_manage_keys(viewer: Viewer) -> None:
+    """Creating and revoking keys needs an unrestricted key (see Viewer.can_manage_keys): else a 403 page."""
+    if not viewer.can_manage_keys:
+        raise Leave(error_page(403, "Forbidden", RESTRICTED))
 
 
 @router.get("/keys")
@@ -446,6 +561,7 @@ async def create_key(request: Request, viewer: TenantDep) -> Response:
     """A new key, shown in this response only (never through a redirect, so never in a URL or a history entry)."""
     state = state_of(request)
     await read_form(request, state, viewer)
+    may_manage_keys(viewer)
     assert viewer.tenant is not None
     async with state.sessions.begin() as session:
         _, plaintext = await issue_key(session, tenant_id=viewer.tenant.id)
@@ -457,6 +573,7 @@ async def revoke_key(key_id: str, request: Request, viewer: TenantDep) -> Respon
     """Revoke one of the tenant's keys (another tenant's, or no key at all, is a 404); the API refuses it at once."""
     state = state_of(request)
     await read_form(request, state, viewer)
+    may_manage_keys(viewer)
     assert viewer.tenant is not None
     async with state.sessions.begin() as session:
         key = await repo.get_key(session, key_id=key_id) if is_id(key_id, "key") else None

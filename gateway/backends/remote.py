@@ -15,7 +15,14 @@ import httpx
 from PIL import Image
 
 from gateway.backends.base import BackendInputError, ImageJob, ImageResult, ProviderBackend
-from gateway.errors import BackendBusy, BackendFailed, BackendUnauthorized, BackendUnreachable, GenerationTimeout
+from gateway.errors import (
+    BackendBusy,
+    BackendFailed,
+    BackendUnauthorized,
+    BackendUnreachable,
+    GenerationTimeout,
+    redact_credentials,
+)
 
 log = logging.getLogger("hidream_gateway.backends")
 T = TypeVar("T")
@@ -47,6 +54,36 @@ def _detail(resp: httpx.Response) -> str:
     return str(body)[:300]
 
 
+INPUT_DETAIL_CHARS = 200
+
+
+def input_detail(resp: httpx.Response) -> str:
+    """What a provider said was wrong with the input, fit for the tenant: one line of at most 200 characters.
+
+    Its ``detail`` (or ``title``/``error``; a validation error list as ``field: message; ...``), whitespace collapsed,
+    credentials redacted (before the cut, so a cut cannot leave half a secret the redaction no longer recognises).
+    """
+    try:
+        body: Any = resp.json()
+    except ValueError:
+        body = resp.text[:2000]
+    if isinstance(body, dict):
+        body = body.get("detail") or body.get("title") or body.get("error") or ""
+    if isinstance(body, list):
+        body = "; ".join(_problem(item) for item in body[:10])
+    text = body if isinstance(body, str) else json.dumps(body)
+    text = redact_credentials(" ".join(text[:2000].split()))
+    return text if len(text) <= INPUT_DETAIL_CHARS else text[: INPUT_DETAIL_CHARS - 1].rstrip() + "…"
+
+
+def _problem(item: Any) -> str:
+    """One entry of a validation error list (``{"loc": [...], "msg": ...}``) as ``field: message``."""
+    if not isinstance(item, dict) or "msg" not in item:
+        return item if isinstance(item, str) else json.dumps(item)
+    loc = [str(part) for part in item.get("loc") or () if part != "body"]
+    return f"{'.'.join(loc)}: {item['msg']}" if loc else str(item["msg"])
+
+
 def check(resp: httpx.Response, backend: str) -> dict[str, Any]:
     """The JSON object of a successful answer, or the gateway error the answer means.
 
@@ -56,7 +93,9 @@ def check(resp: httpx.Response, backend: str) -> dict[str, Any]:
     """
     status = resp.status_code
     if status in (400, 422):
-        raise BackendInputError(f"{backend} rejected the input: {_detail(resp)}", upstream_status=status)
+        detail = input_detail(resp)
+        said = f"{backend} rejected the input: {detail}" if detail else f"{backend} rejected the input ({status})."
+        raise BackendInputError(said, upstream_status=status)
     if status == 429 or (status == 503 and "retry-after" in resp.headers):
         raise BackendBusy(f"{backend} is throttling or busy.", retry_after=retry_after(resp), upstream_status=status)
     if status in (401, 403):

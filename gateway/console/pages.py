@@ -27,7 +27,10 @@ CSP = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: a browser then sends its real Origin with the console's own form posts (under
+    # no-referrer it sends "Origin: null", which a sandboxed page of another site can send too). Console URLs hold
+    # no secrets, and other sites get no referrer at all.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
 }
 STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}

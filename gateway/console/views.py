@@ -13,14 +13,15 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.api.serialize import usd_text
 from gateway.storage import repo
-from gateway.storage.models import ApiKey, Prediction, StoredFile, Tenant, TenantSpend, UsageEvent
+from gateway.storage.models import ApiKey, KeySpend, Prediction, StoredFile, Tenant, TenantSpend, UsageEvent
 from gateway.usage import Period, usage_report
 
 USAGE_DAYS = 30
 RECENT = 50
 STATS_HOURS = 24
-STATS_ROWS = 5000  # predictions read for a backend's latency and error rate: enough for a median, bounded
+STATS_BATCH = 1000  # predictions fetched at a time for the backends' statistics (all of the last 24 h are read)
 # Attempt outcomes that count against a backend: it was tried and did not deliver. Refusals (busy, unavailable),
 # a client's bad input and cancels say nothing about its health.
 ERROR_OUTCOMES = frozenset({"failed", "unauthorized", "unreachable", "timeout"})
@@ -31,13 +32,14 @@ JUDGED_OUTCOMES = ERROR_OUTCOMES | {"succeeded"}
 
 
 def usd(amount: Decimal | int | None, *, micros: bool = False) -> str:
-    """``$10.00``, ``$0.010486``: whole cents with two decimals, anything finer to the micro-dollar, never rounded."""
+    """``$10.00``, ``$0.010486``: an amount as the API writes it (``usd_text``: exact, at least cents), with ``$``.
+
+    Amounts are exact to the micro-dollar (the Money columns, or ``micros``), so nothing is rounded.
+    """
     if amount is None:
         return ""
     value = Decimal(amount) / Decimal(1_000_000) if micros else Decimal(amount)
-    if value == value.quantize(Decimal("0.01")):
-        return f"${value:.2f}"
-    return f"${value.quantize(Decimal('0.000001')).normalize():f}"
+    return f"${usd_text(value)}"
 
 
 # -- budget --------------------------------------------------------------------------------------------------------
@@ -61,6 +63,16 @@ async def budget(session: AsyncSession, *, tenant: Tenant, now: datetime) -> Bud
     spent = row.spent_usd if row is not None else Decimal(0)
     reserved = row.reserved_usd if row is not None else Decimal(0)
     return Budget(spent=spent, reserved=reserved, limit=tenant.monthly_budget_usd)
+
+
+async def key_budget(session: AsyncSession, *, key: ApiKey, now: datetime) -> Budget | None:
+    """This UTC month's spend and holds of ``key`` against its own monthly budget; None when it has none."""
+    if key.monthly_budget_usd is None:
+        return None
+    row = await session.get(KeySpend, (key.id, repo.month_key(now)))
+    spent = row.spent_usd if row is not None else Decimal(0)
+    reserved = row.reserved_usd if row is not None else Decimal(0)
+    return Budget(spent=spent, reserved=reserved, limit=key.monthly_budget_usd)
 
 
 # -- usage per day -------------------------------------------------------------------------------------------------
@@ -232,18 +244,19 @@ class BackendStats:
 
 
 async def backend_stats(session: AsyncSession, *, names: Iterable[str], now: datetime) -> dict[str, BackendStats]:
-    """Per backend: median latency and error rate of the last 24 h (from each job's attempts), cost this month."""
+    """Per backend: median latency and error rate of the jobs completed in the last 24 h (from each job's
+    attempts), and what it cost this month. Every such job is read, a batch at a time.
+    """
     since = now - timedelta(hours=STATS_HOURS)
     stmt = (
         select(Prediction.backend, Prediction.status, Prediction.latency_ms, Prediction.attempt_log)
-        .where(Prediction.created_at >= since, Prediction.completed_at.is_not(None))
-        .order_by(Prediction.created_at.desc())
-        .limit(STATS_ROWS)
+        .where(Prediction.completed_at >= since)
+        .execution_options(yield_per=STATS_BATCH)
     )
     latencies: dict[str, list[int]] = defaultdict(list)
     attempts: dict[str, int] = defaultdict(int)
     errors: dict[str, int] = defaultdict(int)
-    for backend, status, latency_ms, log in await session.execute(stmt):
+    async for backend, status, latency_ms, log in await session.stream(stmt):
         if status == "succeeded" and backend is not None and latency_ms is not None:
             latencies[backend].append(latency_ms)
         for entry in log or []:

@@ -287,7 +287,7 @@ class ConsoleSession(Base):
     role: Mapped[str] = mapped_column(String(8))  # tenant | admin
     tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id"))
     api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    # SHA-256 of the admin token signed in with: an admin session ends when HDG_ADMIN_TOKEN changes.
+    # An scrypt of the admin token signed in with (sessions.admin_fingerprint): it ends when HDG_ADMIN_TOKEN changes.
     admin_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -286,3 +286,23 @@ async def purge_console_sessions(session: AsyncSession, *, now: datetime) -> int
     """Delete the sessions that have expired; returns how many."""
     result = await session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at <= now))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def delete_console_session_by_token(session: AsyncSession, *, token_hash: str) -> None:
+    """Delete the session whose cookie hashes to ``token_hash`` (if there is one)."""
+    await session.execute(delete(ConsoleSession).where(ConsoleSession.token_hash == token_hash))
+
+
+async def trim_console_sessions(session: AsyncSession, *, role: str, api_key_id: str | None, keep: int) -> int:
+    """Delete all but the newest ``keep`` sessions of one API key (or, for ``role="admin"``, of the admin)."""
+    owner = ConsoleSession.role == "admin" if role == "admin" else ConsoleSession.api_key_id == api_key_id
+    stale = (
+        select(ConsoleSession.id)
+        .where(owner)
+        .order_by(ConsoleSession.created_at.desc(), ConsoleSession.id.desc())
+        .offset(keep)
+    )
+    ids = list((await session.scalars(stale)).all())
+    if ids:
+        await session.execute(delete(ConsoleSession).where(ConsoleSession.id.in_(ids)))
+    return len(ids)
