@@ -19,15 +19,27 @@ log = logging.getLogger("hidream_gateway")
 # secret (letters and digits, 12 or more; a key id and its secret; a long opaque token), so that plain words after
 # those keywords ("the key parameter is invalid") stay; the shapes of known credentials wherever they appear
 # (Replicate r8_, Modal wk-/ws-, sk-, the gateway's hdg_ keys and whsec_ webhook secrets, fal's key_id:key_secret).
+# After a bare ``key`` (not ``api_key``, ``X-Api-Key``...), a path, a dotted name or a snake_case identifier is what
+# the key is (a weight's name in a checkpoint, a file, a parameter), not a secret. An ``id:secret`` pair is not one
+# when it names something: a ``..._id:`` field, a hash (``sha256:<hex>``), a UUID, a digest of 40 or more hex digits
+# (a Replicate version, a commit).
 _VALUE = r"[^\s\"'`,;&<>()\[\]{}]"
+_SECRET = (
+    rf"(?:(?={_VALUE}{{0,256}}[a-z])(?={_VALUE}{{0,256}}\d){_VALUE}{{12,}} | [\w.-]+:[\w-]{{12,}} | [\w.~+/=-]{{24,}})"
+)
+_QUOTED = r"""["']?\s*[:=]?\s*["']?"""
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
+_HASHES = r"(?:sha\d*|sha3-\d+|md5|blake2[bs]|blake3|crc32c?|xxh\d*)"
 CREDENTIALS = re.compile(
     rf"""(?ix)
     (?<![\w+.-])(?P<url>[a-z][a-z0-9+.-]*+://)[^\s/?\#]+@
-    | (?P<lead>\b(?:bearer|basic|authorization|(?:\w+[_-])?(?:api[_-]?key|key|token|secret|password|passwd))\b
-        ["']?\s*[:=]?\s*["']?)
-      (?:(?={_VALUE}{{0,256}}[a-z])(?={_VALUE}{{0,256}}\d){_VALUE}{{12,}} | [\w.-]+:[\w-]{{12,}} | [\w.~+/=-]{{24,}})
+    | (?P<lead>\b(?:bearer|basic|authorization|(?:\w+[_-])?(?:api[_-]?key|token|secret|password|passwd)|\w+[_-]key)\b
+        {_QUOTED}){_SECRET}
+    | (?P<keylead>\bkey\b{_QUOTED})
+      (?!{_VALUE}{{0,256}}[./])(?![a-z0-9]++(?:_[a-z0-9]++)++(?![\w:-])){_SECRET}
     | \b(?:r8_[\w-]{{8,}} | w[ks]-\w{{8,}} | sk-[\w-]{{16,}} | hdg_[\w-]{{32,}} | whsec_[\w+/=]{{16,}})
-    | (?<![\w-])[\w-]{{6,}}+:(?=[\w-]*\d)(?=[\w-]*[a-z])[\w-]{{12,}}\b
+    | (?<![\w-])(?![a-z_]*id:)(?!{_HASHES}:)[\w-]{{6,}}+:(?!{_UUID})(?![0-9a-f]{{40,}}\b)
+      (?=[\w-]*\d)(?=[\w-]*[a-z])[\w-]{{12,}}\b
     """
 )
 
@@ -35,7 +47,7 @@ CREDENTIALS = re.compile(
 def _hide(match: re.Match[str]) -> str:
     if match.group("url"):
         return f"{match.group('url')}***@"
-    return f"{match.group('lead') or ''}***"
+    return f"{match.group('lead') or match.group('keylead') or ''}***"
 
 
 def redact_credentials(text: str) -> str:

@@ -107,6 +107,7 @@ class Attempt:
     backend: str
     outcome: str = "running"  # then succeeded, canceled, or the error's outcome (unauthorized, timeout, busy...)
     error: GatewayError | None = None
+    sent: bool = True  # False: skipped when it was its turn (full, throttled, its breaker): nothing was sent to it
 
     def end(self, outcome: str, error: GatewayError | None = None) -> None:
         self.outcome, self.error = outcome, error
@@ -166,6 +167,12 @@ def _said(attempt: Attempt) -> str:
     """``fal: the backend answered 500``: an attempt in the tenant's words."""
     assert attempt.error is not None
     return f"{attempt.backend}: {phrase(attempt.error)}"
+
+
+def _wait(attempt: Attempt) -> int:
+    """Seconds a refused attempt's backend asked to be left alone for (RETRY_AFTER_GUESS if it did not say)."""
+    error = attempt.error
+    return (error.retry_after if isinstance(error, BackendBusy | BackendUnavailable) else None) or RETRY_AFTER_GUESS
 
 
 def _naming(cause: Attempt, attempts: int) -> str:
@@ -375,14 +382,21 @@ class JobRunner:
             if attempts:
                 raise final_error(attempts, out_of_time=False) from None
             raise Deferred(await self._defer(p, owner, exc.retry_after)) from None
+        skipped: list[Attempt] = []
         for backend in candidates:
             # Admitted and its slot taken in one step (a half-open backend's single trial): the awaits below would
             # otherwise let another job pass the same check before this one takes the slot.
             with self.health.attempt(backend.name) as admitted:
                 if not admitted:
+                    # Routing chose it, but earlier attempts took time and it is now full, throttled, or no longer
+                    # admitted by its breaker: listed as not taking the job, so the error names every backend and
+                    # the status rule counts it (a 503 if all were like it).
+                    attempts.append(refused := self._refused(backend.name))
+                    skipped.append(refused)
+                    await self._log(p, owner, logs, f"{backend.name} skipped: {phrase_for(refused.outcome, None)}.")
                     continue
                 attempts.append(tried := Attempt(backend.name))
-                await self._log(p, owner, logs, f"Attempt {len(attempts)} on {backend.name}.")
+                await self._log(p, owner, logs, f"Attempt {sum(a.sent for a in attempts)} on {backend.name}.")
                 outcome = await self._attempt(backend, job, p, owner, ref=None)  # an input error ends the job here
             if isinstance(outcome, ImageResult):
                 tried.end("succeeded")
@@ -390,9 +404,22 @@ class JobRunner:
             tried.end(outcome.outcome, outcome)
             # The job's logs are the tenant's to read: the fixed phrase, not the backend's words.
             await self._log(p, owner, logs, f"{backend.name} failed: {phrase(outcome)}.")
-        if not attempts:  # every candidate became ineligible (another request took a trial slot)
-            raise Deferred(await self._defer(p, owner, 2))
+        if len(skipped) == len(attempts):  # not one tried: every candidate became ineligible since routing saw it
+            raise Deferred(await self._defer(p, owner, min(_wait(a) for a in skipped) if skipped else 2))
         raise final_error(attempts, out_of_time=False)
+
+    def _refused(self, name: str) -> Attempt:
+        """An attempt ``health.attempt`` did not admit, ended as what stopped it: busy (at capacity or throttled,
+        with when it may take a job again) or unavailable (its breaker is open, or another job holds its trial).
+        """
+        wait = self.health.retry_after(name)
+        if self.health.admits(name) and not self.health.has_capacity(name):
+            error: GatewayError = BackendBusy(f"{name} is at capacity or throttled.", retry_after=wait)
+        else:
+            error = BackendUnavailable(f"{name} is not taking jobs now (its breaker).", retry_after=wait)
+        refused = Attempt(name, sent=False)
+        refused.end(error.outcome, error)
+        return refused
 
     async def _attempt(
         self, backend: Backend, job: ImageJob, p: Prediction, owner: str, *, ref: dict[str, Any] | None
@@ -536,7 +563,7 @@ class JobRunner:
                     latency_ms=latency_ms,
                     price_usd=price,
                     cost_usd=self.cost(served, job, gpu_seconds),
-                    attempts=p.attempts + len(attempts),
+                    attempts=p.attempts + sum(a.sent for a in attempts),
                     images=len(stored),
                     width=result.width,
                     height=result.height,
@@ -598,7 +625,7 @@ class JobRunner:
                 backend=p.provider_backend or (attempts[-1].backend if attempts else None),
                 latency_ms=int((time.monotonic() - started) * 1000),
                 price_usd=Decimal(0),
-                attempts=p.attempts + len(attempts),
+                attempts=p.attempts + sum(a.sent for a in attempts),
                 images=0,
                 width=p.width,
                 height=p.height,

@@ -475,6 +475,163 @@ def test_a_refused_playground_request_shows_the_apis_message_and_status(sqlite_g
     assert 'alt="Generated image"' not in resp.text and "No predictions yet" in client.get("/console/predictions").text
 
 
+NONCE = re.compile(r'name="nonce" value="([A-Za-z0-9_-]+)"')
+
+
+def prediction_ids(gw: Gateway) -> list[str]:
+    db = sqlite3.connect(str(gw.settings.resolved_database_url).split("///", 1)[1])
+    return [row[0] for row in db.execute("SELECT id FROM predictions ORDER BY created_at")]
+
+
+def test_the_same_playground_form_sent_twice_makes_one_job(sqlite_gateway: Gateway) -> None:
+    gw = sqlite_gateway
+    tenant = gw.create_tenant()
+    client = sign_in(gw, tenant["api_key"])
+    page = client.get("/console/playground").text
+    nonce, fresh = NONCE.search(page), NONCE.search(client.get("/console/playground").text)
+    assert nonce is not None and fresh is not None and nonce[1] != fresh[1]  # a new one with every form
+    form = playground_form(client, prompt="a red kite", seed="5") | {"nonce": nonce[1]}
+    first = client.post("/console/playground", data=form)
+    again = client.post("/console/playground", data=form)  # a double click, or a reload of the POST
+    assert first.status_code == again.status_code == 303
+    assert first.headers["location"] == again.headers["location"]
+    assert len(prediction_ids(gw)) == 1
+    bearer = {"Authorization": f"Bearer {tenant['api_key']}"}
+    assert gw.client.get("/v1/usage/events", headers=bearer).json()["summary"]["requests"] == 1
+
+    # The same form sent back with other values (the browser's Back restored its nonce): a fresh form, no job.
+    edited = client.post("/console/playground", data=form | {"prompt": "a blue kite"})
+    assert edited.status_code == 409 and "already sent with other values" in edited.text
+    assert ">a blue kite</textarea>" in edited.text
+    renewed = NONCE.search(edited.text)
+    assert renewed is not None and renewed[1] != nonce[1]
+    assert len(prediction_ids(gw)) == 1
+    resent = client.post("/console/playground", data=form | {"prompt": "a blue kite", "nonce": renewed[1]})
+    assert resent.status_code == 303 and len(prediction_ids(gw)) == 2
+
+    for bad in ("short", "x" * 65, "has space in it!!"):
+        refused = client.post("/console/playground", data=form | {"nonce": bad})
+        assert refused.status_code == 400 and "Reload the page" in refused.text, bad
+    assert len(prediction_ids(gw)) == 2
+
+
+class StuckBackend:
+    """A backend that ignores cancellation until the test lets go (a provider call stuck past every deadline), or
+    fails with an upstream error."""
+
+    name = kind = "local"
+    variants = frozenset({"fast", "dev", "full"})
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.started, self.release = threading.Event(), threading.Event()
+
+    async def generate(self, job: Any, *, timeout: float) -> Any:
+        from gateway.backends.base import ImageResult
+        from gateway.errors import BackendFailed
+
+        if self.fail:
+            raise BackendFailed("local answered 500: upstream broke", upstream_status=500)
+        self.started.set()
+        while not self.release.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                continue  # it will not stop
+        buf = io.BytesIO()
+        Image.new("RGB", (job.width, job.height), (20, 90, 160)).save(buf, format="PNG")
+        return ImageResult([buf.getvalue()], "image/png", job.width, job.height, job.seed)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        self.release.set()
+
+
+def test_a_playground_job_still_running_when_the_wait_ends_goes_to_its_page(
+    make_gateway: GatewayFactory, sqlite_url: str
+) -> None:
+    stuck = StuckBackend()
+    gw = make_gateway(sqlite_url, backend=stuck, request_timeout_seconds=0.5)
+    try:
+        client = sign_in(gw, gw.create_tenant()["api_key"])
+        form = playground_form(client, prompt="a slow glacier")
+        form["nonce"] = NONCE.findall(client.get("/console/playground").text)[0]
+        sent = client.post("/console/playground", data=form)
+        # Not a 504 form to send again (a second job, a second bill): the running job's own page.
+        assert sent.status_code == 303, sent.text
+        [only] = prediction_ids(gw)
+        assert sent.headers["location"] == f"/console/playground?prediction={only}"
+        running = client.get(sent.headers["location"])
+        assert running.status_code == 200 and "Still running" in running.text
+        assert client.post("/console/playground", data=form).headers["location"] == sent.headers["location"]
+        assert prediction_ids(gw) == [only]
+    finally:
+        stuck.release.set()
+
+
+def test_a_failed_playground_job_is_shown_and_only_a_limits_refusal_is_counted_as_one(
+    make_gateway: GatewayFactory, sqlite_url: str
+) -> None:
+    gw = make_gateway(sqlite_url, backend=StuckBackend(fail=True))
+    tenant, poor = gw.create_tenant(), gw.create_tenant(monthly_budget_usd="0.000001")
+
+    def refusals() -> str:
+        return " ".join(line for line in gw.client.get("/metrics").text.splitlines() if "hdg_refusals_total{" in line)
+
+    client = sign_in(gw, tenant["api_key"])
+    failed = client.post("/console/playground", data=playground_form(client, prompt="a fox"))
+    assert failed.status_code == 502 and "The request was refused" in failed.text
+    assert "upstream broke" not in failed.text  # the tenant's fixed phrase, not the backend's words
+    assert refusals() == ""
+    broke = sign_in(gw, poor["api_key"])
+    assert broke.post("/console/playground", data=playground_form(broke, prompt="a fox")).status_code == 402
+    assert refusals() == 'hdg_refusals_total{reason="budget"} 1.0'
+
+
+def test_an_empty_prediction_shows_the_playground_form(sqlite_gateway: Gateway) -> None:
+    client = sign_in(sqlite_gateway, sqlite_gateway.create_tenant()["api_key"])
+    resp = client.get("/console/playground?prediction=")
+    assert resp.status_code == 200 and "<h1>Playground</h1>" in resp.text
+    assert "There is no such prediction." not in resp.text and NONCE.search(resp.text) is not None
+
+
+def test_a_services_error_under_console_is_a_page_and_elsewhere_json() -> None:
+    from fastapi import FastAPI
+
+    from gateway.api import console
+    from gateway.console.pages import ConsoleHeadersMiddleware
+    from gateway.errors import BackendBusy, NotFound, install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/v1/thing")
+    @app.get("/console/thing")
+    async def thing() -> None:
+        raise NotFound("Unknown tenant ten_1.")
+
+    @app.get("/console/busy")
+    async def busy() -> None:
+        raise BackendBusy("Every backend is busy.", retry_after=7)
+
+    console.install(app)
+    app.add_middleware(ConsoleHeadersMiddleware)
+
+    async def fetch() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            return [await client.get(path) for path in ("/console/thing", "/v1/thing", "/console/busy")]
+
+    page, api, busy_page = asyncio.run(fetch())
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "<h1>Request refused</h1>" in page.text and "Unknown tenant ten_1." in page.text
+    assert page.headers["content-security-policy"] == CSP
+    assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
+    assert busy_page.status_code == 503 and busy_page.headers["retry-after"] == "7"
+
+
 def test_names_and_prompts_are_escaped_everywhere(sqlite_gateway: Gateway) -> None:
     gw = sqlite_gateway
     tenant = gw.create_tenant(name="<script>alert(1)</script>")
@@ -645,19 +802,58 @@ def test_failed_sign_ins_remember_few_addresses_cheaply() -> None:
     assert throttle.attempt("192.0.2.19999", now=121) == 59
 
 
-def test_origin_null_is_refused_on_every_console_post(sqlite_gateway: Gateway) -> None:
-    gw = sqlite_gateway
+PUBLIC = "https://console.example.com"
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({}, True),  # not a browser: the cookie and the CSRF token guard what follows
+        ({"Sec-Fetch-Site": "same-origin"}, True),
+        # Behind a proxy uvicorn does not trust, the browser's real origin matches nothing uvicorn sees: the
+        # browser's own word that the page is this origin's is enough.
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "https://proxy-only-knows.example"}, True),
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "null"}, True),
+        ({"Sec-Fetch-Site": "cross-site"}, False),
+        ({"Sec-Fetch-Site": "cross-site", "Origin": "SELF"}, False),
+        ({"Sec-Fetch-Site": "same-site", "Origin": "https://other.example.com"}, False),
+        ({"Sec-Fetch-Site": "same-site"}, False),
+        ({"Sec-Fetch-Site": "same-site", "Origin": PUBLIC}, True),
+        ({"Sec-Fetch-Site": "none", "Origin": "https://evil.example"}, False),
+        ({"Origin": "SELF"}, True),
+        ({"Origin": PUBLIC}, True),
+        ({"Origin": "https://console.example.com:443"}, True),  # the default port is no other origin
+        ({"Origin": "HTTPS://Console.Example.COM"}, True),
+        ({"Origin": "https://console.example.com:8443"}, False),
+        ({"Origin": "http://console.example.com"}, False),
+        ({"Origin": "null"}, False),  # a sandboxed frame of any site
+        ({"Origin": "https://evil.example"}, False),
+        ({"Origin": "not an origin"}, False),
+    ],
+)
+def test_console_posts_are_refused_only_when_another_site_sent_them(
+    make_gateway: GatewayFactory,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
+    headers: dict[str, str],
+    allowed: bool,
+) -> None:
+    gw = make_gateway(sqlite_url, public_url=PUBLIC)
     tenant = gw.create_tenant()
-    for site in ({}, {"Sec-Fetch-Site": "same-origin"}):
-        headers = {"Origin": "null", **site}
-        refused = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN}, headers=headers)
-        assert refused.status_code == 403 and "set-cookie" not in refused.headers, site
-        client = sign_in(gw, tenant["api_key"])
-        made = client.post("/console/keys", data={"csrf": csrf_of(client)}, headers=headers)
-        assert made.status_code == 403 and "<h1>Forbidden</h1>" in made.text, site
-    assert len(gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"]) == 1
-    own = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN}, headers={"Origin": gw.url})
-    assert own.status_code == 303  # what a browser sends under Referrer-Policy: same-origin
+    headers = {name: gw.url if value == "SELF" else value for name, value in headers.items()}
+    signed_in = browser(gw).post("/console/sign-in", data={"token": ADMIN_TOKEN}, headers=headers)
+    client = sign_in(gw, tenant["api_key"])
+    made = client.post("/console/keys", data={"csrf": csrf_of(client)}, headers=headers)
+    keys = len(gw.admin("GET", f"/admin/tenants/{tenant['tenant_id']}/keys").json()["data"])
+    if allowed:
+        assert signed_in.status_code == 303 and "hdg_console=" in signed_in.headers["set-cookie"]
+        assert made.status_code == 201 and keys == 2
+        return
+    assert signed_in.status_code == 403 and "set-cookie" not in signed_in.headers
+    assert made.status_code == 403 and "<h1>Forbidden</h1>" in made.text and keys == 1
+    refusals = [r.getMessage() for r in caplog.records if "refused a console POST" in r.getMessage()]
+    assert len(refusals) == 2 and f"'{PUBLIC}'" in refusals[0] and "HDG_PUBLIC_URL" in refusals[0]
+    assert repr(headers.get("Origin")) in refusals[0] and ADMIN_TOKEN not in caplog.text
 
 
 def test_signing_in_again_replaces_the_session_and_each_key_keeps_at_most_twenty(sqlite_gateway: Gateway) -> None:
@@ -760,27 +956,33 @@ def test_money_is_written_as_the_api_writes_it_and_steps_are_bounded_like_the_ap
     assert next(rule.le for rule in field.metadata if hasattr(rule, "le")) == MAX_STEPS
 
 
-def test_backend_statistics_read_every_job_completed_in_the_last_24_hours(database_url: str) -> None:
-    from sqlalchemy import insert
+def test_backend_statistics_count_every_attempt_of_the_day_in_sql_and_sample_the_latency(database_url: str) -> None:
+    from sqlalchemy import insert, inspect, null
 
-    from gateway.console.views import backend_stats
+    from gateway.console.views import LATENCY_SAMPLE, backend_stats
     from gateway.storage import repo
     from gateway.storage.db import create_engine, session_factory, upgrade
     from gateway.storage.models import new_id
 
     now = datetime.now(UTC)
-    recent, old = now - timedelta(hours=1), now - timedelta(hours=25)
+    recent, earlier, old = now - timedelta(hours=1), now - timedelta(hours=3), now - timedelta(hours=25)
 
     async def check() -> None:
         engine = create_engine(database_url)
         try:
             await upgrade(engine)
+            async with engine.connect() as conn:
+                indexes = await conn.run_sync(lambda c: inspect(c).get_indexes("predictions"))
+            assert {"name": "ix_predictions_completed_at", "columns": ["completed_at"]} in [
+                {"name": i["name"], "columns": i["column_names"]} for i in indexes
+            ]
             sessions = session_factory(engine)
             async with sessions.begin() as session:
                 tenant = await repo.create_tenant(session, name="stats")
                 key = await repo.add_key(session, tenant_id=tenant.id, key_hash="1" * 64, display_prefix="hdg_x")
 
-            def job(*, created: datetime, completed: datetime, latency: int, outcome: str) -> dict[str, Any]:
+            def job(*, created: datetime, completed: datetime, latency: int, outcome: str, log: Any = ()) -> Any:
+                entry = {"backend": "fal", "outcome": outcome, "status": None, "message": ""}
                 return {
                     "id": new_id("gen"),
                     "tenant_id": tenant.id,
@@ -798,19 +1000,27 @@ def test_backend_statistics_read_every_job_completed_in_the_last_24_hours(databa
                     "created_at": created,
                     "completed_at": completed,
                     "available_at": created,
-                    "attempt_log": [{"backend": "fal", "outcome": outcome, "status": None, "message": ""}],
+                    "attempt_log": [entry] if log == () else log,
                 }
 
-            # More jobs than any fixed cap, one created 30 h ago but completed within the day, and three
-            # completed 25 h ago (outside it).
-            rows = [job(created=recent, completed=recent, latency=100, outcome="succeeded") for _ in range(5001)]
+            # The latest 1000 successes took 100 ms, the 1200 before them (still within the day) 9 s: the median
+            # is of the latest. Every attempt of the day counts for the error rate: one failed job created 30 h
+            # ago but completed within the day too; the three completed 25 h ago do not; logs that are JSON null
+            # or NULL (rows from before attempt logs) count as no attempts.
+            rows = [job(created=earlier, completed=earlier, latency=9000, outcome="succeeded") for _ in range(1200)]
+            rows += [job(created=recent, completed=recent, latency=100, outcome="succeeded") for _ in range(1000)]
             rows.append(job(created=now - timedelta(hours=30), completed=recent, latency=100, outcome="failed"))
+            rows.append(job(created=recent, completed=recent, latency=5, outcome="failed", log=None))
+            rows.append(job(created=recent, completed=recent, latency=5, outcome="failed", log=null()))
             rows += [job(created=old, completed=old, latency=9000, outcome="failed") for _ in range(3)]
             async with sessions.begin() as session:
                 await session.execute(insert(repo.PREDICTIONS), rows)
             async with sessions() as session:
-                stats = (await backend_stats(session, names=["fal"], now=now))["fal"]
-            assert (stats.attempts, stats.errors, stats.latency_p50_ms) == (5002, 1, 100)
+                stats = await backend_stats(session, names=["fal", "local"], now=now)
+            fal = stats["fal"]
+            assert (fal.attempts, fal.errors, fal.latency_p50_ms, fal.latency_sample) == (2201, 1, 100, LATENCY_SAMPLE)
+            local = stats["local"]
+            assert (local.attempts, local.errors, local.latency_p50_ms, local.error_rate) == (0, 0, None, None)
         finally:
             await engine.dispose()
 

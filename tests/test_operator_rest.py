@@ -13,27 +13,30 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.api.serialize import usd_text
-from gateway.backends.base import Probe
+from gateway.backends.base import ImageJob, ImageResult, Probe
 from gateway.backends.config import redact_userinfo
-from gateway.errors import BackendFailed, redact_credentials
+from gateway.errors import BackendBusy, BackendFailed, GatewayError, redact_credentials
 from gateway.health import HealthBoard
-from gateway.jobs import Attempt, attempt_log, final_error
+from gateway.jobs import Attempt, JobRunner, attempt_log, final_error
+from gateway.settings import default_backend_costs
 from gateway.storage.db import open_database, session_factory
+from gateway.storage.files import LocalFileStore
 from gateway.storage.models import Prediction
 from tests.conftest import GatewayFactory, fal_only
 from tests.fakes.fal import FakeFal
 from tests.fakes.replicate import FakeReplicate
-from tests.fakes.server import ServerThread, make_image
+from tests.fakes.server import make_image
+from tests.fakes.worker import healthy_worker
+from tests.held_job import insert_held_job
 
 MODEL = "hidream-ai/hidream-i1-fast"
 SECRET_WORDS = "ZEBRA-7731 internal stack frame at /srv/provider/secret_module.py"
@@ -195,14 +198,7 @@ class _GatedWorker:
         self.release = threading.Event()
         self.generations = 0
         self._image = make_image(64, 64, "png")
-        self.server = ServerThread(
-            Starlette(
-                routes=[
-                    Route("/generate", self._generate, methods=["POST"]),
-                    Route("/health", lambda _: Response(b'{"status": "ok", "ready": true}')),
-                ]
-            )
-        )
+        self.server = healthy_worker(self._generate)
 
     async def _generate(self, request: Request) -> Response:
         job = json.loads(await request.body())
@@ -303,3 +299,98 @@ def test_budgets_in_the_admin_api_are_exact_strings(make_gateway: GatewayFactory
     assert key.status_code == 200 and key.json()["monthly_budget_usd"] == "0.10"
     listed = gw.admin("GET", "/admin/tenants").json()["data"]
     assert [t["monthly_budget_usd"] for t in listed] == ["10.00"]
+
+
+class _Scripted:
+    """A local-kind backend for the runner: ``act`` runs when it is called (and decides what it answers)."""
+
+    kind = "local"
+    variants = frozenset({"fast"})
+
+    def __init__(self, name: str, act: Any) -> None:
+        self.name, self.act, self.calls = name, act, 0
+
+    async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
+        self.calls += 1
+        result: ImageResult = self.act()
+        return result
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _fail_over_into_a_full_backend(database_url: str, tmp_path: Path, first: GatewayError, fill: str) -> Any:
+    """``alpha`` is tried first (cheapest by name) and ends in ``first``; while it runs, ``beta`` fills up (``fill``:
+    ``throttle`` or ``slots``), after routing had put it second. Returns the runner's Finished and the stored row.
+    """
+
+    async def run() -> tuple[Any, Prediction, int]:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            p = await insert_held_job(sessions, ImageJob(variant="fast", prompt="a fox", width=64, height=64, seed=1))
+            health = HealthBoard()
+
+            def alpha_act() -> ImageResult:
+                if fill == "throttle":
+                    health.throttled("beta", 30)
+                else:
+                    health.backends["beta"].in_flight = 1  # another job took its only slot
+                raise first
+
+            alpha, beta = _Scripted("alpha", alpha_act), _Scripted("beta", lambda: pytest.fail("beta was sent a job"))
+            for b in (alpha, beta):
+                health.register(b.name, max_in_flight=1)
+            runner = JobRunner(
+                sessions=sessions,
+                backends=[alpha, beta],
+                files=LocalFileStore(tmp_path / "files"),
+                prices={"hidream-i1-fast": Decimal("0.01")},
+                costs=default_backend_costs(),
+                gpu_usd_per_second=Decimal("0.001"),
+                health=health,
+                attempt_timeout=30,
+            )
+            finished = await runner.execute(p, owner="run_me", allowed=None, why=lambda: None)
+            async with sessions() as session:
+                row = await session.get(Prediction, p.id)
+            assert row is not None
+            return finished, row, beta.calls
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("fill", ["throttle", "slots"])
+def test_a_backend_that_filled_up_before_its_turn_is_listed_as_busy(
+    database_url: str, tmp_path: Path, fill: str
+) -> None:
+    upstream = BackendFailed("alpha answered 500: ZEBRA-7731", upstream_status=500)
+    finished, row, beta_calls = _fail_over_into_a_full_backend(database_url, tmp_path, upstream, fill)
+    assert beta_calls == 0
+    error = finished.error
+    assert isinstance(error, BackendFailed) and error.status_code == 502
+    assert (
+        error.message
+        == "alpha: the backend answered 500. None of the 2 attempts succeeded; each is listed in attempts."
+    )
+    shown = error.body()["error"]["attempts"]
+    assert [(a["backend"], a["outcome"], a["status"], a["message"]) for a in shown] == [
+        ("alpha", "failed", 500, "the backend answered 500"),
+        ("beta", "busy", None, "the backend is at capacity"),
+    ]
+    assert [(a["backend"], a["outcome"]) for a in row.attempt_log or []] == [("alpha", "failed"), ("beta", "busy")]
+    assert row.attempts == 1  # beta was listed, not sent anything
+    assert "beta skipped: the backend is at capacity." in row.logs
+
+
+def test_busy_everywhere_after_failing_over_is_a_503_naming_both(database_url: str, tmp_path: Path) -> None:
+    throttled = BackendBusy("alpha is throttling or busy.", retry_after=7, upstream_status=429)
+    finished, row, _ = _fail_over_into_a_full_backend(database_url, tmp_path, throttled, "slots")
+    error = finished.error
+    assert isinstance(error, BackendBusy) and error.status_code == 503
+    assert 1 <= int(error.headers["Retry-After"]) <= 7  # the sooner of alpha's 7 s and beta's own estimate
+    assert error.message.startswith("alpha: the backend is at capacity. None of the 2 attempts succeeded")
+    assert [(a["backend"], a["outcome"]) for a in row.attempt_log or []] == [("alpha", "busy"), ("beta", "busy")]
+    assert row.error_code == "backend_busy" and row.status == "failed"

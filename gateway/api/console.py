@@ -2,18 +2,23 @@
 
 Sign-in exchanges a key or the admin token (in a POST body, never a URL) for an HttpOnly, SameSite=Strict cookie;
 every page re-checks the session in the database (gateway/console/sessions.py). Every POST after sign-in carries a
-CSRF token, and any POST whose Origin is another site's (or "null") is refused. Errors under /console are pages,
+CSRF token, and any POST another site's page sent is refused (see check_origin). Errors under /console are pages,
 never the API's JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import inspect
+import json
 import logging
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -21,7 +26,7 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.deps import public_base_url
-from gateway.api.images import MAX_SEED, ImageGenerationRequest, generate_image
+from gateway.api.images import MAX_SEED, ImageGenerationRequest, StillRunning, generate_image
 from gateway.auth import Principal, hash_key, issue_key
 from gateway.backends.base import ImageJob
 from gateway.console import sessions
@@ -38,6 +43,8 @@ from gateway.console.pages import (
 )
 from gateway.console.sessions import COOKIE, COOKIE_PATH, ENDED, SessionEnded, Viewer
 from gateway.console.views import (
+    LATENCY_SAMPLE,
+    STATS_HOURS,
     attempt_lines,
     backend_stats,
     budget,
@@ -49,7 +56,7 @@ from gateway.console.views import (
     tenants_overview,
     usd,
 )
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, IdempotencyConflict
 from gateway.health import probe_all
 from gateway.metering import price_usd
 from gateway.state import AppState
@@ -79,6 +86,9 @@ DEFAULT_SIZE, DEFAULT_MODEL = "1024x1024", "hidream-i1-fast"
 MAX_STEPS = next(
     int(rule.le) for rule in ImageGenerationRequest.model_fields["num_inference_steps"].metadata if hasattr(rule, "le")
 )
+NONCE_BYTES = 18
+NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+RESUBMITTED = "This form was already sent with other values. Check them and press Generate again."
 RESTRICTED = "This key has its own limits, so it cannot create or revoke keys; an admin can."
 
 
@@ -106,11 +116,12 @@ def install(app: FastAPI) -> None:
     """Add the console's routes and its exception handlers to ``app``.
 
     Call it after the API's handlers are installed: under /console, an HTTP error (a POST to a page that only
-    answers GET: 405) and an unexpected error (the database is down: 500) become pages with the same status;
-    everywhere else the API's own handlers answer as before.
+    answers GET: 405), a GatewayError no route caught (a 404 from a service) and an unexpected error (the database
+    is down: 500) become pages with the same status; everywhere else the API's own handlers answer as before.
     """
     api_http: Handler = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
     api_unexpected: Handler | None = app.exception_handlers.get(Exception)
+    api_gateway: Handler | None = app.exception_handlers.get(GatewayError)
 
     async def leave(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Leave)
@@ -142,7 +153,17 @@ def install(app: FastAPI) -> None:
             headers=headers,
         )
 
+    async def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        if not in_console(request.url.path) and api_gateway is not None:
+            return await answer_with(api_gateway, request, exc)
+        metrics = getattr(getattr(request.app.state, "hdg", None), "metrics", None)
+        if metrics is not None:  # as the API's handler counts it (a limit's refusal only)
+            metrics.refused(exc.code)
+        return error_page(exc.status_code, "Request refused", exc.message, headers=dict(exc.headers) or None)
+
     app.add_exception_handler(Leave, leave)
+    app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
     app.include_router(router)
@@ -176,24 +197,63 @@ def home(viewer: Viewer) -> str:
     return "/console/admin" if viewer.is_admin else "/console/overview"
 
 
-def own_origin(request: Request, state: AppState) -> set[str]:
-    """The origins this console is served on: the request's own, and HDG_PUBLIC_URL's."""
-    origins = {f"{request.url.scheme}://{request.url.netloc}"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(origin: str) -> str | None:
+    """``scheme://host[:port]`` in lower case, the scheme's default port left out (``https://x:443`` is
+    ``https://x``); None for anything that is not an http(s) origin (``null`` included).
+    """
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
+    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def own_origins(request: Request, state: AppState) -> set[str]:
+    """The origins this console is served on: the request's own (as uvicorn saw it), and HDG_PUBLIC_URL's."""
+    found = {normal_origin(f"{request.url.scheme}://{request.url.netloc}")}
     if state.settings.public_url:
-        public = state.settings.public_url.rstrip("/")
-        origins.add("/".join(public.split("/", 3)[:3]))
-    return origins
+        found.add(normal_origin(state.settings.public_url))
+    return {origin for origin in found if origin is not None}
 
 
 def check_origin(request: Request, state: AppState) -> None:
-    """Refuse a POST another site's page sent: a foreign Origin, or Sec-Fetch-Site saying cross-site.
+    """Refuse a POST another site's page sent.
 
-    ``Origin: null`` is refused too: a sandboxed frame of any site sends it, and the console's own pages never do
-    (their Referrer-Policy is same-origin, so the browser sends their real origin).
+    ``Sec-Fetch-Site: same-origin`` is enough: browsers set it and no page can forge it, so this holds behind a
+    proxy that hides the public origin from uvicorn. ``cross-site`` is refused. Any other value (``same-site``,
+    ``none``) needs an ``Origin`` equal to this console's. Without Sec-Fetch-Site (an older browser, or a client
+    that is not a browser), an ``Origin`` that is sent must be this console's (``null`` is refused: a sandboxed
+    frame of any site sends it); with neither header the request is not a browser's cross-site form, and the
+    session cookie (SameSite=Strict) and the CSRF token still guard everything after sign-in.
     """
+    site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
-    foreign = origin is not None and origin not in own_origin(request, state)
-    if foreign or request.headers.get("sec-fetch-site") == "cross-site":
+    if site == "same-origin":
+        return
+    if site == "cross-site":
+        refused = True
+    elif site is None and origin is None:
+        refused = False
+    else:
+        expected = own_origins(request, state)
+        refused = origin is None or normal_origin(origin) not in expected
+    if refused:
+        log.warning(
+            "refused a console POST to %s from another site: Origin %r, Sec-Fetch-Site %r, expected one of %s"
+            " (behind a proxy, set HDG_PUBLIC_URL to the public origin)",
+            request.url.path,
+            None if origin is None else origin[:200],
+            None if site is None else site[:40],
+            sorted(own_origins(request, state)),
+        )
         raise Leave(error_page(403, "Forbidden", "This form was sent from another site, so it was refused."))
 
 
@@ -399,8 +459,12 @@ def playground_defaults() -> dict[str, str]:
 
 
 def playground(request: Request, viewer: Viewer, *, status_code: int = 200, **context: Any) -> Response:
+    """The playground's page. Each form gets a new ``nonce``: sending that form twice (a double click, a reload of
+    the POST) replays the first job instead of making and billing a second one.
+    """
     context.setdefault("values", playground_defaults())
     context.setdefault("errors", {})
+    context["nonce"] = secrets.token_urlsafe(NONCE_BYTES)
     return page(
         "playground.html",
         request,
@@ -420,7 +484,7 @@ async def playground_page(request: Request, viewer: TenantDep, prediction: str |
 
     Reloading the result reads the stored prediction again: nothing is generated, nothing billed.
     """
-    if prediction is None:
+    if not prediction:  # none, or an empty ?prediction=: just the form
         return playground(request, viewer)
     assert viewer.tenant is not None
     state = state_of(request)
@@ -489,26 +553,50 @@ def check_playground(values: dict[str, str], max_chars: int) -> tuple[dict[str, 
     return {}, body
 
 
+def fingerprint(body: ImageGenerationRequest) -> str:
+    """What a playground nonce is bound to: the request the form made (not the form's bytes, which carry the CSRF
+    token and the nonce itself), so the same form sent again is the same request.
+    """
+    canonical = json.dumps(["/console/playground", body.model_dump(mode="json")], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 @router.post("/playground")
 async def generate(request: Request, viewer: TenantDep) -> Response:
     """One image through the same path as POST /v1/images/generations, with this session's tenant and key.
 
-    Made, it answers 303 to the result's own page (POST-redirect-GET), so reloading that page bills nothing. A
-    refusal (nothing billed) is shown at once, the form as it was typed.
+    Made, it answers 303 to the result's own page (POST-redirect-GET), so reloading that page bills nothing; so
+    does a job still running when the wait runs out (its page says so). The form's nonce is the job's
+    Idempotency-Key: the same form sent again (a double click, a reload of this POST) gets the first job, not a
+    second bill. A refusal (nothing billed) is shown at once, the form as it was typed.
     """
     state = state_of(request)
     form = await read_form(request, state, viewer)
     values = {name: form.get(name, default).strip() for name, default in playground_defaults().items()}
     values["prompt"] = form.get("prompt", "")  # kept as typed
+    nonce = form.get("nonce") or None  # absent from a client that is not this console's form: no replay
+    if nonce is not None and not NONCE.match(nonce):
+        return error_page(400, "Bad request", "This form could not be read. Reload the page and try again.")
     errors, body = check_playground(values, state.settings.max_prompt_chars)
     if body is None:
         return playground(request, viewer, status_code=400, values=values, errors=errors)
     assert viewer.tenant is not None and viewer.key is not None
     principal = Principal(tenant=viewer.tenant, key=viewer.key)
     try:
-        generated = await generate_image(body, principal=principal, state=state, request=request)
+        generated = await generate_image(
+            body,
+            principal=principal,
+            state=state,
+            request=request,
+            idempotency_key=None if nonce is None else f"console-{nonce}",
+            fingerprint=fingerprint(body),
+        )
+    except StillRunning as running:  # it goes on (and may be billed): show its page, never a form to re-send
+        return RedirectResponse(f"/console/playground?prediction={running.prediction_id}", status_code=303)
+    except IdempotencyConflict:  # this form (its nonce) was sent before with other values: a fresh form
+        return playground(request, viewer, status_code=409, values=values, failure=RESUBMITTED)
     except GatewayError as exc:
-        state.metrics.refused(exc.code)
+        state.metrics.refused(exc.code)  # counts only a limit's refusal (budget, rate, concurrency), never a 502/504
         field = exc.param if exc.param in values else None
         return playground(
             request,
@@ -627,7 +715,14 @@ async def admin_backends(request: Request, viewer: AdminDep) -> Response:
         }
         for b in state.backends
     ]
-    return page("admin_backends.html", request, viewer, rows=rows)
+    return page(
+        "admin_backends.html",
+        request,
+        viewer,
+        rows=rows,
+        stats_hours=STATS_HOURS,
+        latency_sample=LATENCY_SAMPLE,
+    )
 
 
 @router.get("/admin/failures")

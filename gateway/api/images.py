@@ -122,6 +122,16 @@ def resolve_route(header: str | None, default: str, state: StateDep) -> Route:
     return route
 
 
+class StillRunning(GenerationTimeout):
+    """The wait ran out while the job goes on (it may still succeed, and be billed): ``prediction_id`` is where
+    to look for it. The API answers 504 as for any timeout; the console shows the job's own page instead.
+    """
+
+    def __init__(self, message: str, *, prediction_id: str) -> None:
+        super().__init__(message)
+        self.prediction_id = prediction_id
+
+
 @dataclass(frozen=True)
 class Generated:
     """A generation that succeeded, as ``generate_image`` hands it to the route (or the console) that asked."""
@@ -140,11 +150,14 @@ async def generate_image(
     request: Request,
     route_header: str | None = None,
     idempotency_key: str | None = None,
+    fingerprint: str | None = None,
 ) -> Generated | None:
     """Check, submit and wait on one image request: the path every generation takes (limits, budgets, routing,
     billing), whether it came as JSON or from the console's playground.
 
-    Returns None when the client hung up first; raises the job's error when it did not succeed.
+    ``fingerprint`` is what an ``idempotency_key`` is bound to when the caller made it (the playground's form is
+    not JSON: it fingerprints ``body``); by default, the JSON body's. Returns None when the client hung up first;
+    raises the job's error when it did not succeed, StillRunning when the wait ran out first.
     """
     variant = variant_for_model(body.model)
     if variant is None:
@@ -161,6 +174,8 @@ async def generate_image(
     _check_text(body.negative_prompt, "negative_prompt", limit)
     width, height = parse_size(body.size)
     idem = await idempotency(request, idempotency_key)
+    if idem is not None and fingerprint is not None:
+        idem = (idem[0], fingerprint)
 
     rate = await state.limits.check(principal)
 
@@ -208,7 +223,7 @@ async def generate_image(
     p = done.prediction
     if p.status != "succeeded":
         if p.status in ("starting", "processing"):
-            raise GenerationTimeout(f"Generation {p.id} did not finish in time.")
+            raise StillRunning(f"Generation {p.id} did not finish in time.", prediction_id=p.id)
         raise done.error or error_from(p)
     return Generated(done=done, replayed=submitted.replayed, rate=rate, base_url=base_url)
 

@@ -60,28 +60,41 @@ INPUT_DETAIL_CHARS = 200
 def input_detail(resp: httpx.Response) -> str:
     """What a provider said was wrong with the input, fit for the tenant: one line of at most 200 characters.
 
-    Its ``detail`` (or ``title``/``error``; a validation error list as ``field: message; ...``), whitespace collapsed,
-    credentials redacted (before the cut, so a cut cannot leave half a secret the redaction no longer recognises).
+    Only a JSON answer's own words: its ``detail``, ``title``, ``error`` or ``message`` string (or ``error``'s
+    ``message``, as OpenAI-style bodies nest it), or a validation error list as ``field: message; ...``. Anything
+    else (an HTML page from a proxy or load balancer in between, a bare string, other JSON) is "" and the caller says
+    only who rejected the input. Whitespace is collapsed and credentials redacted (before the cut, so a cut cannot
+    leave half a secret the redaction no longer recognises).
     """
     try:
         body: Any = resp.json()
     except ValueError:
-        body = resp.text[:2000]
+        return ""
+    text = ""
     if isinstance(body, dict):
-        body = body.get("detail") or body.get("title") or body.get("error") or ""
-    if isinstance(body, list):
-        body = "; ".join(_problem(item) for item in body[:10])
-    text = body if isinstance(body, str) else json.dumps(body)
+        for name in ("detail", "title", "error", "message"):
+            value = body.get(name)
+            if isinstance(value, dict):
+                value = value.get("message")
+            if isinstance(value, list):
+                value = "; ".join(p for item in value[:10] if (p := _problem(item)))
+            if isinstance(value, str) and value.strip():
+                text = value
+                break
+    elif isinstance(body, list):  # a bare validation error list
+        text = "; ".join(p for item in body[:10] if (p := _problem(item)))
     text = redact_credentials(" ".join(text[:2000].split()))
     return text if len(text) <= INPUT_DETAIL_CHARS else text[: INPUT_DETAIL_CHARS - 1].rstrip() + "…"
 
 
 def _problem(item: Any) -> str:
     """One entry of a validation error list (``{"loc": [...], "msg": ...}``) as ``field: message``."""
-    if not isinstance(item, dict) or "msg" not in item:
-        return item if isinstance(item, str) else json.dumps(item)
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, dict) or not isinstance(item.get("msg"), str):
+        return ""  # not a validation entry: its JSON is no words of the provider's to show
     loc = [str(part) for part in item.get("loc") or () if part != "body"]
-    return f"{'.'.join(loc)}: {item['msg']}" if loc else str(item["msg"])
+    return f"{'.'.join(loc)}: {item['msg']}" if loc else item["msg"]
 
 
 def check(resp: httpx.Response, backend: str) -> dict[str, Any]:

@@ -119,6 +119,8 @@ class Prediction(Base):
         Index("ix_predictions_tenant_created", "tenant_id", "created_at"),
         # The runner's claim: due jobs of a status, oldest first.
         Index("ix_predictions_status_available", "status", "available_at"),
+        # The console's backend statistics: the jobs completed in the last day.
+        Index("ix_predictions_completed_at", "completed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("gen"))

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.fakes.server import make_image
+from tests.fakes.server import ServerThread, make_image
 
 
 def instant_worker_app(width: int = 64, height: int = 64) -> Starlette:
@@ -36,3 +37,12 @@ def instant_worker_app(width: int = 64, height: int = 64) -> Starlette:
         return Response(b'{"status": "ok", "ready": true}', media_type="application/json")
 
     return Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health)])
+
+
+def healthy_worker(generate: Callable[[Request], Awaitable[Response]]) -> ServerThread:
+    """A worker that always reports healthy and answers ``POST /generate`` with ``generate`` (not started)."""
+
+    async def health(request: Request) -> Response:
+        return Response(b'{"status": "ok", "ready": true}', media_type="application/json")
+
+    return ServerThread(Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/health", health)]))
