@@ -19,10 +19,9 @@ log = logging.getLogger("hidream_gateway")
 # secret (letters and digits, 12 or more; a key id and its secret; a long opaque token), so that plain words after
 # those keywords ("the key parameter is invalid") stay; the shapes of known credentials wherever they appear
 # (Replicate r8_, Modal wk-/ws-, sk-, the gateway's hdg_ keys and whsec_ webhook secrets, fal's key_id:key_secret).
-# After a bare ``key`` (not ``api_key``, ``X-Api-Key``...), a path, a dotted name or a snake_case identifier is what
-# the key is (a weight's name in a checkpoint, a file, a parameter), not a secret. An ``id:secret`` pair is not one
-# when it names something: a ``..._id:`` field, a hash (``sha256:<hex>``), a UUID, a digest of 40 or more hex digits
-# (a Replicate version, a commit).
+# After a bare ``key`` (not ``api_key``, ``X-Api-Key``...), what names a thing (``_NAMED``) is left. An ``id:secret``
+# pair is not one when it names something: a well-known id field (``request_id:``), a hash (``sha256:<hex>``), a UUID,
+# a digest of 40 or more hex digits (a Replicate version, a commit).
 _VALUE = r"[^\s\"'`,;&<>()\[\]{}]"
 _SECRET = (
     rf"(?:(?={_VALUE}{{0,256}}[a-z])(?={_VALUE}{{0,256}}\d){_VALUE}{{12,}} | [\w.-]+:[\w-]{{12,}} | [\w.~+/=-]{{24,}})"
@@ -30,15 +29,24 @@ _SECRET = (
 _QUOTED = r"""["']?\s*[:=]?\s*["']?"""
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
 _HASHES = r"(?:sha\d*|sha3-\d+|md5|blake2[bs]|blake3|crc32c?|xxh\d*)"
+_ID_FIELDS = r"(?:request|trace|span|correlation|prediction|job|run|task|event|version|model|build|commit)[_-]?id"
+# What follows a bare ``key`` and names something rather than being a secret: a path from a root (``/``, ``./``,
+# ``../``, ``~/``), a file name (a lower-case extension), a dotted name of short parts (a weight in a checkpoint; a
+# JWT's parts are longer) or a lower-case snake_case identifier (mixed case is a secret's shape: ``sk_live_4eC3...``).
+_NAMED = (
+    rf"(?:\.{{0,2}}/|~/)"
+    rf"|[\w-]{{1,128}}(?-i:\.[a-z][a-z0-9]{{1,11}})(?!{_VALUE})"
+    rf"|(?:[\w-]{{1,24}}\.)+[\w-]{{1,24}}(?!{_VALUE})"
+    rf"|(?-i:[a-z0-9]++(?:_[a-z0-9]++)++)(?![\w:-])"
+)
 CREDENTIALS = re.compile(
     rf"""(?ix)
     (?<![\w+.-])(?P<url>[a-z][a-z0-9+.-]*+://)[^\s/?\#]+@
     | (?P<lead>\b(?:bearer|basic|authorization|(?:\w+[_-])?(?:api[_-]?key|token|secret|password|passwd)|\w+[_-]key)\b
         {_QUOTED}){_SECRET}
-    | (?P<keylead>\bkey\b{_QUOTED})
-      (?!{_VALUE}{{0,256}}[./])(?![a-z0-9]++(?:_[a-z0-9]++)++(?![\w:-])){_SECRET}
+    | (?P<keylead>\bkey\b{_QUOTED})(?!{_NAMED}){_SECRET}
     | \b(?:r8_[\w-]{{8,}} | w[ks]-\w{{8,}} | sk-[\w-]{{16,}} | hdg_[\w-]{{32,}} | whsec_[\w+/=]{{16,}})
-    | (?<![\w-])(?![a-z_]*id:)(?!{_HASHES}:)[\w-]{{6,}}+:(?!{_UUID})(?![0-9a-f]{{40,}}\b)
+    | (?<![\w-])(?!{_ID_FIELDS}:)(?!{_HASHES}:)[\w-]{{6,}}+:(?!{_UUID})(?![0-9a-f]{{40,}}\b)
       (?=[\w-]*\d)(?=[\w-]*[a-z])[\w-]{{12,}}\b
     """
 )
@@ -83,16 +91,18 @@ def phrase_for(outcome: str, status: int | None) -> str:
     return words
 
 
-def tenant_attempts(entries: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+def tenant_attempts(entries: Sequence[dict[str, Any]] | Any) -> list[dict[str, Any]] | None:
     """A job's attempt list as its tenant sees it: each entry without ``detail`` (the backend's words, for admins).
 
     An entry stored before ``detail`` existed has the backend's raw words in ``message``: its phrase is rebuilt from
     ``outcome`` and ``status`` instead.
     """
-    if entries is None:
+    if not isinstance(entries, list):  # None, or a stored value no version of the gateway wrote
         return None
     shown = []
     for entry in entries:
+        if not isinstance(entry, dict):
+            continue
         tenant = {k: v for k, v in entry.items() if k != "detail"}
         if "detail" not in entry and tenant.get("message") is not None:
             tenant["message"] = phrase_for(str(entry.get("outcome")), entry.get("status"))

@@ -59,6 +59,8 @@ SETTLED_FIELDS = (
 )
 # Retry-After for a 503 read back from a row: the replica that saw the refusal knew better, this one can only guess.
 RETRY_AFTER_GUESS = 2
+# Longest a job waits when every candidate refused it at its turn, before routing it again.
+DEFER_SECONDS = 2.0
 
 # Errors as stored (``error_code``) back to the error a waiting client is given, in any replica.
 ERRORS: dict[str, type[GatewayError]] = {
@@ -80,7 +82,7 @@ OnLog = Callable[
 def error_from(prediction: Prediction) -> GatewayError:
     """The error a failed or canceled job reports, rebuilt from its stored code, message and attempts."""
     message = prediction.error or f"The prediction was {prediction.status}."
-    attempts = list(prediction.attempt_log) if prediction.attempt_log is not None else None
+    attempts = list(prediction.attempt_log) if isinstance(prediction.attempt_log, list) else None
     if prediction.status == "canceled":
         return GatewayError(message, code="canceled", attempts=attempts)
     kind = ERRORS.get(prediction.error_code or "", BackendFailed)
@@ -390,7 +392,7 @@ class JobRunner:
                 if not admitted:
                     # Routing chose it, but earlier attempts took time and it is now full, throttled, or no longer
                     # admitted by its breaker: listed as not taking the job, so the error names every backend and
-                    # the status rule counts it (a 503 if all were like it).
+                    # the status rule counts it (if every candidate was, the job is deferred and tried again).
                     attempts.append(refused := self._refused(backend.name))
                     skipped.append(refused)
                     await self._log(p, owner, logs, f"{backend.name} skipped: {phrase_for(refused.outcome, None)}.")
@@ -405,7 +407,10 @@ class JobRunner:
             # The job's logs are the tenant's to read: the fixed phrase, not the backend's words.
             await self._log(p, owner, logs, f"{backend.name} failed: {phrase(outcome)}.")
         if len(skipped) == len(attempts):  # not one tried: every candidate became ineligible since routing saw it
-            raise Deferred(await self._defer(p, owner, min(_wait(a) for a in skipped) if skipped else 2))
+            # Tried again after the shortest Retry-After, but at most DEFER_SECONDS later: a slot often frees long
+            # before a backend's estimate, and a synchronous caller is waiting.
+            wait = min([DEFER_SECONDS, *(_wait(a) for a in skipped)])
+            raise Deferred(await self._defer(p, owner, wait))
         raise final_error(attempts, out_of_time=False)
 
     def _refused(self, name: str) -> Attempt:

@@ -626,10 +626,11 @@ def test_a_services_error_under_console_is_a_page_and_elsewhere_json() -> None:
 
     page, api, busy_page = asyncio.run(fetch())
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
-    assert "<h1>Request refused</h1>" in page.text and "Unknown tenant ten_1." in page.text
+    assert "<h1>Not found</h1>" in page.text and "Unknown tenant ten_1." in page.text
     assert page.headers["content-security-policy"] == CSP
     assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
     assert busy_page.status_code == 503 and busy_page.headers["retry-after"] == "7"
+    assert "<h1>Not available right now</h1>" in busy_page.text
 
 
 def test_names_and_prompts_are_escaped_everywhere(sqlite_gateway: Gateway) -> None:
@@ -1006,12 +1007,14 @@ def test_backend_statistics_count_every_attempt_of_the_day_in_sql_and_sample_the
             # The latest 1000 successes took 100 ms, the 1200 before them (still within the day) 9 s: the median
             # is of the latest. Every attempt of the day counts for the error rate: one failed job created 30 h
             # ago but completed within the day too; the three completed 25 h ago do not; logs that are JSON null
-            # or NULL (rows from before attempt logs) count as no attempts.
+            # or NULL (rows from before attempt logs), or entries that are not objects, count as no attempts.
             rows = [job(created=earlier, completed=earlier, latency=9000, outcome="succeeded") for _ in range(1200)]
             rows += [job(created=recent, completed=recent, latency=100, outcome="succeeded") for _ in range(1000)]
             rows.append(job(created=now - timedelta(hours=30), completed=recent, latency=100, outcome="failed"))
             rows.append(job(created=recent, completed=recent, latency=5, outcome="failed", log=None))
             rows.append(job(created=recent, completed=recent, latency=5, outcome="failed", log=null()))
+            # A list holding things that are not attempts (a string, a number) is no attempts either, not a 500.
+            rows.append(job(created=recent, completed=recent, latency=5, outcome="failed", log=["x", 3]))
             rows += [job(created=old, completed=old, latency=9000, outcome="failed") for _ in range(3)]
             async with sessions.begin() as session:
                 await session.execute(insert(repo.PREDICTIONS), rows)

@@ -56,6 +56,15 @@ WHSEC = "whsec_MDEyMzQ1Njc4OWFiY2RlZmdoaWo="
         (f"the key {HDG_KEY} is revoked", "the key *** is revoked"),
         (f"signed with {WHSEC}", "signed with ***"),
         ("1a2b3c4d-id:0f9e8d7c6b5a4f3e2d1c", "***"),
+        # After a bare key: secrets with slashes, dots or underscores are still secrets.
+        ("key: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "key: ***"),
+        (
+            "key: eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+            "key: ***",
+        ),
+        ("key: AIzaSyA1b2C3d4E5f6G7h8I9j0Kl.MnOp", "key: ***"),
+        ("key: sk_live_4eC39HqLyjWDarjtT1zdp7dc", "key: ***"),
+        ("sessionid:abc123def456ghi789", "***"),
     ],
 )
 def test_credentials_are_redacted(said: str, shown: str) -> None:
@@ -88,6 +97,8 @@ def test_credentials_are_redacted(said: str, shown: str) -> None:
         "key: /models/hidream/transformer/diffusion_pytorch_model-00001.safetensors",
         "Unexpected key: model.layers.0.mlp.experts.gate_proj.weight in state_dict",
         "Invalid key image_size_1024x1024",
+        "key: config.json",
+        "key: ./weights/transformer.safetensors",
     ],
 )
 def test_plain_words_are_left_alone(said: str) -> None:
@@ -267,6 +278,7 @@ GEN_TWO = "gen_000000000000000000000001"
 GEN_PRE = "gen_000000000000000000000002"
 GEN_WON = "gen_000000000000000000000003"
 GEN_NEW = "gen_000000000000000000000004"
+GEN_ODD = "gen_000000000000000000000005"
 RAW_DOWN = "worker cannot be reached: ConnectError to ZEBRA-7731.internal:9000"
 
 
@@ -336,6 +348,15 @@ def test_migration_0007_takes_the_backends_words_out_of_old_rows(
                                 {"backend": "fal", "outcome": "succeeded", "status": None, "message": None},
                             ],
                         ),
+                        # A log that is not a list (nothing the gateway wrote): read as no attempts.
+                        _legacy_row(
+                            GEN_ODD,
+                            "ten_old",
+                            "key_old",
+                            error_code="backend_error",
+                            error=f"fal answered 500: {RAW_500}",
+                            attempt_log={"backend": "fal"},
+                        ),
                         _legacy_row(
                             GEN_NEW,
                             "ten_old",
@@ -352,7 +373,7 @@ def test_migration_0007_takes_the_backends_words_out_of_old_rows(
     gw = make_gateway(database_url)  # migrates to the head
     auth = {"Authorization": f"Bearer {plaintext}"}
     seen = {}
-    for p_id in (GEN_TWO, GEN_PRE, GEN_WON, GEN_NEW):
+    for p_id in (GEN_TWO, GEN_PRE, GEN_WON, GEN_ODD, GEN_NEW):
         replicate_view = gw.client.get(f"/v1/predictions/{p_id}", headers=auth)
         openai_view = gw.client.get(f"/v1/images/generations/{p_id}", headers=auth)
         assert replicate_view.status_code == openai_view.status_code == 200, replicate_view.text
@@ -383,6 +404,7 @@ def test_migration_0007_takes_the_backends_words_out_of_old_rows(
         == "Attempt 1 on worker.\nworker failed: the connection failed.\nAttempt 2 on fal.\nSucceeded on fal.\n"
     )
     assert seen[GEN_NEW]["error"] == "fal: the backend answered 500."
+    assert seen[GEN_ODD]["error"] == "A backend failed; the prediction failed."
 
     # Admins keep the backends' words, credentials redacted; a row already in the new shape is untouched.
     logs = _attempt_logs(database_url)
@@ -393,6 +415,7 @@ def test_migration_0007_takes_the_backends_words_out_of_old_rows(
     assert "(sent Key ***)" in logs[GEN_TWO][0]["detail"]
     assert [a["detail"] for a in logs[GEN_WON]] == [RAW_DOWN, None]
     assert logs[GEN_NEW] == [current]
+    assert logs[GEN_ODD] == {"backend": "fal"}  # type: ignore[comparison-overlap]
     assert GEN_PRE not in logs
 
 

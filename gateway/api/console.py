@@ -112,6 +112,20 @@ async def answer_with(handler: Handler, request: Request, exc: Exception) -> Res
     return await answer if inspect.isawaitable(answer) else answer
 
 
+# An error page's title by status, for errors raised by the services underneath (the message says what happened).
+TITLES = {
+    400: "Bad request",
+    401: "Not signed in",
+    402: "Budget exceeded",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    429: "Too many requests",
+    503: "Not available right now",
+    504: "Timed out",
+}
+
+
 def install(app: FastAPI) -> None:
     """Add the console's routes and its exception handlers to ``app``.
 
@@ -160,7 +174,8 @@ def install(app: FastAPI) -> None:
         metrics = getattr(getattr(request.app.state, "hdg", None), "metrics", None)
         if metrics is not None:  # as the API's handler counts it (a limit's refusal only)
             metrics.refused(exc.code)
-        return error_page(exc.status_code, "Request refused", exc.message, headers=dict(exc.headers) or None)
+        title = TITLES.get(exc.status_code, "Request refused" if exc.status_code < 500 else "The request failed")
+        return error_page(exc.status_code, title, exc.message, headers=dict(exc.headers) or None)
 
     app.add_exception_handler(Leave, leave)
     app.add_exception_handler(GatewayError, gateway_error)

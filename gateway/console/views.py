@@ -205,7 +205,8 @@ async def recent_failures(session: AsyncSession, *, limit: int = RECENT) -> list
 def attempt_lines(p: Prediction) -> list[str]:
     """Each attempt of a failed job in full, for the admin: the raw upstream ``detail`` where it was kept."""
     lines = []
-    for entry in p.attempt_log or []:
+    entries = p.attempt_log if isinstance(p.attempt_log, list) else []
+    for entry in (e for e in entries if isinstance(e, dict)):
         status = f" ({entry['status']})" if entry.get("status") is not None else ""
         text = entry.get("detail") or entry.get("message") or ""
         lines.append(f"{entry.get('backend')}: {entry.get('outcome')}{status}{': ' + text if text else ''}")
@@ -255,7 +256,8 @@ class BackendStats:
 
 # Every attempt of each job completed since :since, as (backend, outcome, count): the attempt lists are unnested
 # and counted by the database, so a page load reads a handful of rows, not a day of jobs. Written per dialect
-# (SQLite's json_each, PostgreSQL's json_array_elements); a log that is not a list counts as no attempts.
+# (SQLite's json_each, PostgreSQL's json_array_elements); a log that is not a list, or an entry that is not an object,
+# counts as no attempt.
 ATTEMPT_COUNTS = {
     "sqlite": """
         SELECT json_extract(entry.value, '$.backend') AS backend, json_extract(entry.value, '$.outcome') AS outcome,
@@ -263,7 +265,7 @@ ATTEMPT_COUNTS = {
         FROM predictions
         JOIN json_each(CASE WHEN json_type(predictions.attempt_log) = 'array'
                             THEN predictions.attempt_log ELSE '[]' END) AS entry
-        WHERE predictions.completed_at >= :since
+        WHERE predictions.completed_at >= :since AND entry.type = 'object'
         GROUP BY 1, 2
     """,
     "postgresql": """
@@ -271,7 +273,7 @@ ATTEMPT_COUNTS = {
         FROM predictions
         CROSS JOIN LATERAL json_array_elements(CASE WHEN json_typeof(predictions.attempt_log) = 'array'
                                                     THEN predictions.attempt_log ELSE '[]'::json END) AS entry
-        WHERE predictions.completed_at >= :since
+        WHERE predictions.completed_at >= :since AND json_typeof(entry) = 'object'
         GROUP BY 1, 2
     """,
 }

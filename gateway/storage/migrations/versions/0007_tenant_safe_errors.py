@@ -37,15 +37,24 @@ _SECRET = (
 _QUOTED = r"""["']?\s*[:=]?\s*["']?"""
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
 _HASHES = r"(?:sha\d*|sha3-\d+|md5|blake2[bs]|blake3|crc32c?|xxh\d*)"
+_ID_FIELDS = r"(?:request|trace|span|correlation|prediction|job|run|task|event|version|model|build|commit)[_-]?id"
+# What follows a bare ``key`` and names something rather than being a secret: a path from a root (``/``, ``./``,
+# ``../``, ``~/``), a file name (a lower-case extension), a dotted name of short parts (a weight in a checkpoint; a
+# JWT's parts are longer) or a lower-case snake_case identifier (mixed case is a secret's shape: ``sk_live_4eC3...``).
+_NAMED = (
+    rf"(?:\.{{0,2}}/|~/)"
+    rf"|[\w-]{{1,128}}(?-i:\.[a-z][a-z0-9]{{1,11}})(?!{_VALUE})"
+    rf"|(?:[\w-]{{1,24}}\.)+[\w-]{{1,24}}(?!{_VALUE})"
+    rf"|(?-i:[a-z0-9]++(?:_[a-z0-9]++)++)(?![\w:-])"
+)
 CREDENTIALS = re.compile(
     rf"""(?ix)
     (?<![\w+.-])(?P<url>[a-z][a-z0-9+.-]*+://)[^\s/?\#]+@
     | (?P<lead>\b(?:bearer|basic|authorization|(?:\w+[_-])?(?:api[_-]?key|token|secret|password|passwd)|\w+[_-]key)\b
         {_QUOTED}){_SECRET}
-    | (?P<keylead>\bkey\b{_QUOTED})
-      (?!{_VALUE}{{0,256}}[./])(?![a-z0-9]++(?:_[a-z0-9]++)++(?![\w:-])){_SECRET}
+    | (?P<keylead>\bkey\b{_QUOTED})(?!{_NAMED}){_SECRET}
     | \b(?:r8_[\w-]{{8,}} | w[ks]-\w{{8,}} | sk-[\w-]{{16,}} | hdg_[\w-]{{32,}} | whsec_[\w+/=]{{16,}})
-    | (?<![\w-])(?![a-z_]*id:)(?!{_HASHES}:)[\w-]{{6,}}+:(?!{_UUID})(?![0-9a-f]{{40,}}\b)
+    | (?<![\w-])(?!{_ID_FIELDS}:)(?!{_HASHES}:)[\w-]{{6,}}+:(?!{_UUID})(?![0-9a-f]{{40,}}\b)
       (?=[\w-]*\d)(?=[\w-]*[a-z])[\w-]{{12,}}\b
     """
 )
@@ -157,9 +166,11 @@ def _logs(logs: str, entries: list[dict[str, Any]]) -> str:
 def rewrite(row: Any) -> dict[str, Any] | None:
     """The new values of a row's ``error``, ``logs`` and ``attempt_log``; None if it needs no change."""
     log = row.attempt_log
-    if log is not None and (not isinstance(log, list) or all(isinstance(e, dict) and "detail" in e for e in log)):
-        return None  # written since tenants see fixed phrases (or nothing this code knows)
-    entries: list[dict[str, Any]] = [dict(e) for e in log or [] if isinstance(e, dict)]
+    listed = isinstance(log, list)
+    if listed and all(isinstance(e, dict) and "detail" in e for e in log):
+        return None  # written since tenants see fixed phrases
+    # A log that is not a list (nothing this code wrote) is read as no attempts: the error still gets its sentence.
+    entries: list[dict[str, Any]] = [dict(e) for e in log if isinstance(e, dict)] if listed else []
     raw: list[str | None] = []
     for entry in entries:
         words = entry.get("message")
@@ -169,16 +180,16 @@ def rewrite(row: Any) -> dict[str, Any] | None:
             entry["message"] = phrase(str(entry.get("outcome")), _status(entry))
         else:
             entry.setdefault("detail", None)
-    if log is None:
+    if not listed:
         error = row.error if row.status != "failed" or row.error in KEPT or row.error is None else None
         if row.status == "failed" and error is None and row.error is not None:
             error = SENTENCES.get(row.error_code or "", GENERIC)
     else:
         error = _error(row, entries, raw)
     values: dict[str, Any] = {"error": error, "logs": _logs(row.logs or "", entries)}
-    if log is not None:  # (an absent list stays SQL NULL: a JSON null written here would read back the same)
+    if listed:  # (anything else stays as it is: an absent list stays SQL NULL)
         values["attempt_log"] = entries
-    if values == {"error": row.error, "logs": row.logs or ""} | ({"attempt_log": log} if log is not None else {}):
+    if values == {"error": row.error, "logs": row.logs or ""} | ({"attempt_log": log} if listed else {}):
         return None
     return values
 
@@ -204,10 +215,21 @@ def upgrade() -> None:
         ).all()
         if not rows:
             break
+        # One executemany per batch and shape (with or without a new attempt list), not a round trip per row.
+        changes: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
         for row in rows:
             values = rewrite(row)
             if values is not None:
-                conn.execute(sa.update(predictions).where(predictions.c.id == row.id).values(**values))
+                changes["attempt_log" in values].append({"row_id": row.id, **values})
+        for with_log, params in changes.items():
+            if params:
+                columns = ("error", "logs", "attempt_log") if with_log else ("error", "logs")
+                statement = (
+                    sa.update(predictions)
+                    .where(predictions.c.id == sa.bindparam("row_id"))
+                    .values({c: sa.bindparam(c) for c in columns})
+                )
+                conn.execute(statement, params)
         after = rows[-1].id
 
 
