@@ -1,13 +1,23 @@
 """Gateway overhead: latency the gateway adds in front of an upstream that answers at once, and requests/s.
 
-Run: .venv/bin/python bench/gateway_overhead.py [--requests 2000] [--database-url URL]
+Run: .venv/bin/python bench/gateway_overhead.py [--backend worker|replicate] [--requests 2000]
+     [--database-url URL] [--compare-litellm] [--concurrency 1,32] [--wrap-gateway "py-spy record ... --"]
 
-Starts an instant upstream that speaks the worker protocol (a canned 64x64 PNG), and `hidream-gateway
-serve` (one process, one event loop) with the worker backend pointed at it, a tenant with a monthly budget
-(so authentication, the budget check, the prediction record, image storage and the usage event all run).
-A keep-alive HTTP/1.1 client sends the same request straight to the upstream and through the gateway,
-at concurrency 1 and 32, and prints p50/p99 latency of each, the difference (what the gateway adds),
-and the gateway's requests per second.
+Starts an upstream that answers at once, in its own process, and `uvicorn gateway.app:app_from_env` (one process,
+one event loop) in front of it, with a tenant with a monthly budget (so authentication, the budget check, the
+prediction record, image storage and the usage event all run). The request is one 1024x1024 image with
+``response_format: url``.
+
+- ``--backend worker``: the upstream speaks our worker protocol and answers with a canned 64x64 PNG inline.
+- ``--backend replicate``: the fake Replicate (tests/fakes/replicate.py, a real HTTP server) with predictions that
+  succeed at once; the gateway creates one, reads it back and downloads the 1024x1024 PNG it names.
+
+A keep-alive HTTP/1.1 client sends the same work straight to the upstream (for replicate: create, get, download)
+and through the gateway, at each concurrency, and prints p50/p99/max latency, the difference (what the gateway
+adds), requests/s, requests over 1 s and errors (answers other than 200, dropped connections).
+
+``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
+front of a fake OpenAI images endpoint, with the same client in the same run.
 """
 
 from __future__ import annotations
@@ -15,56 +25,109 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
+import shlex
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import uvicorn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from tests.fakes.server import free_port
-from tests.fakes.worker import instant_worker_app
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from tests.fakes.server import free_port  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
+REPLICATE_MODEL = "prunaai/hidream-l1-fast"
+SLOW_S = 1.0
 
 
 class Client:
-    """A minimal keep-alive HTTP/1.1 client, so the load generator costs little CPU next to the server."""
+    """A minimal keep-alive HTTP/1.1 client, so the load generator costs little CPU next to the servers."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
-        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        head += f"Content-Length: {len(body)}\r\n\r\n"
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readline()
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        await self.reader.readexactly(length)
-        return int(status_line.split()[1])
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if body:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        try:
+            self.writer.write(head.encode() + b"\r\n" + body)
+            status_line = await self.reader.readline()
+            length = 0
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            payload = await self.reader.readexactly(length)
+            return int(status_line.split()[1]), payload
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+            self.writer.close()
+            self.writer = self.reader = None  # reconnect on the next request
+            return 0, b""
 
 
-async def load(
-    port: int, path: str, body: bytes, headers: dict[str, str], total: int, concurrency: int
-) -> tuple[list[float], float]:
-    latencies: list[float] = []
+# One unit of work: returns (status, body) of its last request, or of the first one that was not 200.
+Work = Callable[[Client], Awaitable[tuple[int, bytes]]]
+
+
+def post(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Work:
+    data = json.dumps(body).encode()
+
+    async def work(client: Client) -> tuple[int, bytes]:
+        return await client.request("POST", path, data, headers)
+
+    return work
+
+
+def replicate_direct(token: str) -> Work:
+    """Straight to the fake Replicate: what the gateway does per image (create, get, download)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    data = {"prompt": "a fox", "model_type": "fast", "resolution": "1024 × 1024 (Square)", "seed": 1}
+    create = json.dumps({"input": data | {"output_format": "png", "output_quality": 90}}).encode()
+
+    async def work(client: Client) -> tuple[int, bytes]:
+        status, body = await client.request("POST", f"/v1/models/{REPLICATE_MODEL}/predictions", create, auth)
+        if status != 201:
+            return status, body
+        pid = json.loads(body)["id"]
+        status, body = await client.request("GET", f"/v1/predictions/{pid}", headers=auth)
+        if status != 200:
+            return status, body
+        output = json.loads(body)["output"]
+        return await client.request("GET", "/" + output.split("/", 3)[3])
+
+    return work
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    wall: float = 0.0
+    first_error: str = ""
+
+
+async def load(port: int, work: Work, total: int, concurrency: int) -> Result:
+    result = Result()
     remaining = total
 
     async def one_client() -> None:
@@ -73,37 +136,203 @@ async def load(
         while remaining > 0:
             remaining -= 1
             t0 = time.perf_counter()
-            status = await client.post(path, body, headers)
-            latencies.append(time.perf_counter() - t0)
+            status, body = await work(client)
+            result.latencies.append(time.perf_counter() - t0)
             if status != 200:
-                raise SystemExit(f"{path} answered {status}")
+                result.errors += 1
+                result.first_error = result.first_error or f"{status} {body[:300]!r}"
+        if client.writer is not None:
+            client.writer.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - start
+    result.wall = time.perf_counter() - start
+    return result
 
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else values[0] * 1000
 
 
+def row(conc: int, name: str, r: Result) -> Result:
+    slow = sum(1 for t in r.latencies if t > SLOW_S)
+    print(
+        f"{conc:>11}  {name:<10} {pct(r.latencies, 50):8.2f} {pct(r.latencies, 99):8.2f} "
+        f"{max(r.latencies) * 1000:8.1f} {len(r.latencies) / r.wall:7.0f} {slow:>6} {r.errors:>6}",
+        flush=True,
+    )
+    if r.first_error:
+        print(f"             ({name}: first error: {r.first_error})", file=sys.stderr)
+    return r
+
+
+def added(conc: int, name: str, through: Result, direct: Result) -> None:
+    a50 = pct(through.latencies, 50) - pct(direct.latencies, 50)
+    a99 = pct(through.latencies, 99) - pct(direct.latencies, 99)
+    print(f"{conc:>11}  {name:<10} {a50:8.2f} {a99:8.2f}", flush=True)
+
+
+# --- upstreams, each served from a child process so it does not share a GIL with the load generator ---
+
+
+def _serve_upstream(kind: str, conn: Any) -> None:
+    """Child process: serve one fake upstream and send its (port, token) back; runs until terminated."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fakes.server import ServerThread
+
+    token = ""
+    if kind == "worker":
+        from tests.fakes.worker import instant_worker_app
+
+        server = ServerThread(instant_worker_app()).start()
+    elif kind == "replicate":
+        server, token = _instant_replicate()
+    else:
+        server = ServerThread(_openai_images_app()).start()
+    conn.send((server.port, token))
+    signal.sigwait({signal.SIGTERM})
+
+
+def _instant_replicate() -> tuple[Any, str]:
+    """The fake Replicate answering at once, every output the same pre-encoded image (the fake encodes one per
+    prediction otherwise, which would make the fake, not the gateway, the bottleneck)."""
+    from tests.fakes.replicate import FakeReplicate, _Plan
+    from tests.fakes.server import make_image
+
+    images: dict[tuple[tuple[int, int], str], bytes] = {}
+
+    class InstantReplicate(FakeReplicate):
+        def _end(self, prediction: dict[str, Any], plan: _Plan, status: str, at: float) -> None:
+            if (plan.size, plan.fmt) not in images:
+                images[plan.size, plan.fmt] = make_image(*plan.size, plan.fmt)
+            plan.image = images[plan.size, plan.fmt]
+            super()._end(prediction, plan, status, at)
+
+    fake = InstantReplicate()
+    fake.faults.processing_s = 0.0  # succeeded by the time anyone reads it
+    fake.start()
+    return fake.server, fake.token
+
+
+def _openai_images_app() -> Any:
+    """OpenAI's ``POST /v1/images/generations`` answering at once with one image URL (LiteLLM's upstream)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def generate(request: Request) -> JSONResponse:
+        body = await request.json()
+        url = f"http://127.0.0.1:{request.url.port}/files/{time.time_ns()}.png"
+        return JSONResponse({"created": int(time.time()), "data": [{"url": url}] * int(body.get("n", 1))})
+
+    return Starlette(routes=[Route("/v1/images/generations", generate, methods=["POST"])])
+
+
+class Upstream:
+    def __init__(self, kind: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_upstream, args=(kind, child), daemon=True)
+        self.proc.start()
+        if not parent.poll(60):
+            raise SystemExit(f"the {kind} upstream did not start")
+        self.port, self.token = parent.recv()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(10)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT: uvicorn shuts down cleanly on it, and a wrapping profiler writes its output."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_litellm(tmp: str) -> tuple[subprocess.Popen[bytes], Upstream, int, str] | None:
+    exe = shutil.which("litellm")
+    if exe is None:
+        print("litellm: skipped (no `litellm` executable on PATH; nothing is installed)", flush=True)
+        return None
+    upstream = Upstream("openai")
+    key = "sk-bench-master-key"
+    config = Path(tmp) / "litellm.yaml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "model_list": [
+                    {
+                        "model_name": "hidream-i1-fast",
+                        "litellm_params": {
+                            "model": "openai/hidream-i1-fast",
+                            "api_base": f"http://127.0.0.1:{upstream.port}/v1",
+                            "api_key": "sk-upstream",
+                        },
+                    }
+                ],
+                "general_settings": {"master_key": key},
+            }
+        )
+    )
+    port = free_port()
+    command = [exe, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc, "litellm", timeout=180)
+    return proc, upstream, port, key
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("worker", "replicate"), default="worker")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary data dir")
+    parser.add_argument("--concurrency", default="1,32", help="comma-separated client counts (default 1,32)")
+    parser.add_argument("--compare-litellm", action="store_true", help="also measure a LiteLLM proxy on PATH")
+    parser.add_argument(
+        "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
+    )
     args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
 
-    up_port = free_port()
-    upstream = uvicorn.Server(uvicorn.Config(instant_worker_app(), port=up_port, log_level="warning", access_log=False))
-    threading.Thread(target=upstream.run, daemon=True).start()
-
+    upstream = Upstream(args.backend)
+    gateway: subprocess.Popen[bytes] | None = None
+    litellm = None
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
             "HDG_DATA_DIR": tmp,
-            "HDG_BACKENDS": "worker",
-            "HDG_WORKER_URLS": f"http://127.0.0.1:{up_port}",
-            "HDG_WORKER_MAX_IN_FLIGHT": "1000",
+            "HDG_BACKENDS": args.backend,
         }
+        env.pop("REPLICATE_API_TOKEN", None)
+        up = f"http://127.0.0.1:{upstream.port}"
+        if args.backend == "worker":
+            env |= {"HDG_WORKER_URLS": up, "HDG_WORKER_MAX_IN_FLIGHT": "1000"}
+            direct: Work = post("/generate", {"variant": "fast", "prompt": "a fox", "width": 1024, "height": 1024})
+        else:
+            env |= {
+                "HDG_REPLICATE_API_TOKEN": upstream.token,
+                "HDG_REPLICATE_BASE_URL": up,
+                "HDG_REPLICATE_OUTPUT_HOSTS": up,
+                "HDG_PROVIDER_MAX_IN_FLIGHT": "1000",
+                "HDG_PROVIDER_POLL_SECONDS": "0.05",
+            }
+            direct = replicate_direct(upstream.token)
         if args.database_url:
             env["HDG_DATABASE_URL"] = args.database_url
         made = subprocess.run(
@@ -113,54 +342,58 @@ def main() -> None:
             text=True,
             check=True,
         )
-        key = json.loads(made.stdout)["api_key"]
+        auth = {"Authorization": f"Bearer {json.loads(made.stdout)['api_key']}"}
+        request = {"model": "hidream-i1-fast", "prompt": "a fox", "size": "1024x1024", "response_format": "url"}
+        through = post("/v1/images/generations", request, auth)
         gw_port = free_port()
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "gateway.app:app_from_env",
-                "--port",
-                str(gw_port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            env=env,
-        )
+        command = [sys.executable, "-m", "uvicorn", "--factory", "gateway.app:app_from_env", "--port", str(gw_port)]
+        command += ["--log-level", "warning", "--no-access-log"]
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", gw_port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or gateway.poll() is not None:
-                        raise SystemExit("gateway did not start") from None
-                    time.sleep(0.1)
-            body = json.dumps({"model": "hidream-i1-fast", "prompt": "a fox", "size": "1024x1024"}).encode()
-            worker_body = json.dumps(
-                {"variant": "fast", "prompt": "a fox", "width": 1024, "height": 1024, "seed": 1}
-            ).encode()
-            auth = {"Authorization": f"Bearer {key}"}
-            asyncio.run(load(gw_port, "/v1/images/generations", body, auth, 200, 4))  # warm-up
-            print(f"machine: {platform.machine()}, {os.cpu_count()} cores; database: {args.database_url or 'SQLite'}")
-            print("concurrency  path      p50 ms   p99 ms   req/s")
-            for conc in (1, 32):
-                direct, d_wall = asyncio.run(load(up_port, "/generate", worker_body, {}, args.requests, conc))
-                through, g_wall = asyncio.run(load(gw_port, "/v1/images/generations", body, auth, args.requests, conc))
-                print(f"{conc:>11}  upstream {pct(direct, 50):8.2f} {pct(direct, 99):8.2f} {len(direct) / d_wall:7.0f}")
-                print(
-                    f"{conc:>11}  gateway  {pct(through, 50):8.2f} {pct(through, 99):8.2f} {len(through) / g_wall:7.0f}"
-                )
-                added50, added99 = pct(through, 50) - pct(direct, 50), pct(through, 99) - pct(direct, 99)
-                print(f"{conc:>11}  added    {added50:8.2f} {added99:8.2f}")
+            gateway = subprocess.Popen(shlex.split(args.wrap_gateway) + command, env=env, cwd=ROOT)
+            wait_for_port(gw_port, gateway, "the gateway")
+            if args.compare_litellm:
+                litellm = start_litellm(tmp)
+            warm = asyncio.run(load(gw_port, through, 200, 4))
+            if warm.errors:
+                raise SystemExit(f"the gateway failed during warm-up: {warm.first_error}")
+            if litellm is not None:
+                asyncio.run(load(litellm[2], post("/v1/images/generations", request, _bearer(litellm[3])), 200, 4))
+            print(
+                f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+                f"backend: {args.backend}; database: {_redacted(args.database_url) or 'SQLite'}; "
+                f"{args.requests} requests per row"
+            )
+            print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors")
+            for conc in levels:
+                d = row(conc, "upstream", asyncio.run(load(upstream.port, direct, args.requests, conc)))
+                g = row(conc, "gateway", asyncio.run(load(gw_port, through, args.requests, conc)))
+                added(conc, "added", g, d)
+                if litellm is not None:
+                    to_openai = post("/v1/images/generations", request, _bearer("sk-upstream"))
+                    to_litellm = post("/v1/images/generations", request, _bearer(litellm[3]))
+                    ld = row(conc, "openai-up", asyncio.run(load(litellm[1].port, to_openai, args.requests, conc)))
+                    lg = row(conc, "litellm", asyncio.run(load(litellm[2], to_litellm, args.requests, conc)))
+                    added(conc, "ll-added", lg, ld)
         finally:
-            gateway.terminate()
-            gateway.wait()
-            upstream.should_exit = True
+            if gateway is not None:
+                stop(gateway)
+            if litellm is not None:
+                stop(litellm[0])
+                litellm[1].stop()
+            upstream.stop()
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _redacted(url: str | None) -> str | None:
+    """A database URL without its password, for the header line."""
+    if url is None or "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
 
 
 if __name__ == "__main__":
