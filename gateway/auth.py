@@ -90,25 +90,29 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        principal = await self._lookup(session, digest)
+        principal = await lookup_key(session, digest)
         if self.cache_seconds > 0:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()  # crude but bounded; a full cache only costs one lookup per key
             self._cache[digest] = (time.monotonic() + self.cache_seconds, principal)
         return principal
 
-    async def _lookup(self, session: AsyncSession, digest: str) -> Principal:
-        found = await repo.find_key_by_hash(session, key_hash=digest)
-        # The lookup is by hash, so timing reveals nothing about the plaintext; compare again in
-        # constant time so a future change to the lookup cannot turn this into an oracle.
-        if found is None or not hmac.compare_digest(found[0].key_hash, digest):
-            raise AuthenticationFailed("Incorrect API key provided.")
-        key, tenant = found
-        if key.revoked_at is not None:
-            raise PermissionDenied("This API key has been revoked.", code="api_key_revoked")
-        if tenant.status != "active":
-            raise PermissionDenied("This tenant is disabled.", code="tenant_disabled")
-        return Principal(tenant=tenant, key=key)
+
+async def lookup_key(session: AsyncSession, digest: str) -> Principal:
+    """The key with SHA-256 ``digest`` and its tenant, read now (no cache); 401 if unknown, 403 if revoked or disabled
+    (``api_key_revoked``, ``tenant_disabled``).
+    """
+    found = await repo.find_key_by_hash(session, key_hash=digest)
+    # The lookup is by hash, so timing reveals nothing about the plaintext; compare again in
+    # constant time so a future change to the lookup cannot turn this into an oracle.
+    if found is None or not hmac.compare_digest(found[0].key_hash, digest):
+        raise AuthenticationFailed("Incorrect API key provided.")
+    key, tenant = found
+    if key.revoked_at is not None:
+        raise PermissionDenied("This API key has been revoked.", code="api_key_revoked")
+    if tenant.status != "active":
+        raise PermissionDenied("This tenant is disabled.", code="tenant_disabled")
+    return Principal(tenant=tenant, key=key)
 
 
 def check_admin_token(expected: str | None, authorization: str | None) -> None:

@@ -116,7 +116,7 @@ class BackendHealth:
     last_error: str | None = None
     problem: str | None = None  # its settings cannot work: never routed to (an optional backend, misconfigured)
     probe: Probe | None = None  # the last health check's answer; None before the first
-    checked: bool = False  # it has a free health check, so a recovery is seen by probing, not by waiting
+    probed_at: float | None = None  # when (the board's clock) that answer came
 
 
 @dataclass
@@ -157,10 +157,14 @@ class HealthBoard:
             return "degraded"
         return "up"
 
-    def doubtful(self, name: str) -> bool:
-        """Worth probing again: never probed, not up at its last probe, or its breaker is open."""
+    def doubtful(self, name: str, *, fresh_seconds: float = 0.0) -> bool:
+        """Worth probing again: never probed, not up at its last probe, or its breaker is open; and not probed in
+        the last ``fresh_seconds`` (a request that probes leaves a backend just probed to the next round).
+        """
         h = self.backends[name]
         if h.problem is not None:
+            return False
+        if h.probed_at is not None and self.clock() - h.probed_at < fresh_seconds:
             return False
         if h.probe is None or h.probe.status in ("loading", "down"):
             return True
@@ -179,7 +183,7 @@ class HealthBoard:
         """
         h = self.backends[name]
         now = self.clock()
-        if not admitted and (h.problem is not None or not h.breaker.admits(now) or not self.has_capacity(name)):
+        if not admitted and not (self.admits(name) and self.has_capacity(name)):
             yield False
             return
         trial = h.breaker.claim(now)
@@ -211,8 +215,7 @@ class HealthBoard:
         """
         h = self.backends[name]
         now = self.clock()
-        h.probe = probe
-        h.checked = h.checked or probe.status != "unchecked"
+        h.probe, h.probed_at = probe, now
         if probe.status == "down":
             # A worker's load error is its own text, and may quote the URL or token it failed with.
             why = redact_credentials(probe.detail or "its health check failed")[:300]
@@ -248,7 +251,7 @@ class HealthBoard:
         breaker = h.breaker.current(now)
         if breaker == "open":
             left = h.breaker.open_seconds - (now - h.breaker.opened_at)
-            waits.append(min(left, self.probe_seconds) if h.checked and h.breaker.seen_down else left)
+            waits.append(min(left, self.probe_seconds) if h.breaker.seen_down else left)  # seen by a probe
         elif breaker == "half_open" and h.breaker.trial_in_flight:
             waits.append(h.latency_s or GUESSED_LATENCY_S)
         if h.probe is not None and h.probe.status == "loading":
@@ -323,11 +326,11 @@ async def probe(backend: Backend) -> Probe:
         return Probe("down", f"{backend.name}'s health check failed ({type(exc).__name__}).")
 
 
-async def probe_all(board: HealthBoard, backends: Sequence[Backend], *, doubtful_only: bool = False) -> None:
-    """Probe ``backends`` at once (only the doubtful ones, if asked) and move their breakers by the answers."""
-    chosen = [
-        b for b in backends if board.backends[b.name].problem is None and (not doubtful_only or board.doubtful(b.name))
-    ]
+async def probe_all(board: HealthBoard, backends: Sequence[Backend], *, fresh_seconds: float = 0.0) -> None:
+    """Probe the doubtful ``backends`` at once (not those probed in the last ``fresh_seconds``) and move their
+    breakers by the answers. A backend whose probe says up and whose breaker is closed is left to real traffic.
+    """
+    chosen = [b for b in backends if board.doubtful(b.name, fresh_seconds=fresh_seconds)]
     answers = await asyncio.gather(*(probe(b) for b in chosen))
     for backend, answer in zip(chosen, answers, strict=True):
         board.probed(backend.name, answer)
@@ -340,7 +343,7 @@ async def probe_forever(board: HealthBoard, backends: Sequence[Backend]) -> None
     """
     while True:
         try:
-            await probe_all(board, backends, doubtful_only=True)
+            await probe_all(board, backends)
         except Exception:  # never let one bad round stop recovery for good
             log.exception("probing backends failed")
         await asyncio.sleep(board.probe_seconds)

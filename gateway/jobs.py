@@ -287,7 +287,7 @@ class JobRunner:
             if busy:  # healthy backends exist but all are saturated or throttled: come back shortly
                 raise BackendBusy(
                     "Every backend that can serve this request is at capacity; retry later.",
-                    retry_after=min(self.health.retry_after(name) for name in busy),
+                    retry_after=self.health.soonest(busy),
                 )
             # The ones that would serve it once recovered say why they cannot now, and when the soonest may.
             recovering = [replace(v, admits=True, has_capacity=True) for v in views]

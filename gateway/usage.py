@@ -154,7 +154,8 @@ async def usage_report(
     return UsageReport(period=period, by_tenant=by_tenant, lines=lines)
 
 
-def _money(micros: int) -> str:
+def money(micros: int) -> str:
+    """Millionths of a dollar as the exact decimal string the usage reports show (``0.010486``)."""
     return f"{Decimal(micros) * MICRO:.6f}"
 
 
@@ -166,7 +167,7 @@ def _amounts(images: int, pixels: int, micros: int, requests: int, unbilled: int
     return {
         "images": images,
         "megapixels": _megapixels(pixels),
-        "price_usd": _money(micros),
+        "price_usd": money(micros),
         "requests": requests,
         "unbilled_requests": unbilled,
     }

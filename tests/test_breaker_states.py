@@ -14,7 +14,7 @@ import httpx
 from gateway.backends.base import Probe
 from gateway.backends.local import LocalBackend
 from gateway.backends.worker import WorkerBackend
-from gateway.health import HealthBoard
+from gateway.health import HealthBoard, probe_all
 from inference.runner import GenerateParams, HiDreamRunner
 from inference.serving import GenerationQueue
 from inference.worker import create_worker_app
@@ -299,3 +299,37 @@ def test_the_local_backend_warms_up_before_it_says_it_is_up(
     key = gw.create_tenant()["api_key"]
     assert gw.generate(key).status_code == 200
     assert len(gated.calls) == 2  # the warm-up, then the request: warmed once, not per request
+
+
+def test_a_request_that_probes_leaves_a_backend_probed_within_the_interval_alone() -> None:
+    """/readyz and the admin pages probe doubtful backends, but not one the prober (or another request) just
+    probed: a flood of unauthenticated /readyz calls cannot turn into a flood of health checks on a down worker.
+    """
+
+    probes: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:  # a worker whose /health says it is down
+        probes.append(request.url.path)
+        return httpx.Response(503, json={"status": "error", "ready": False, "error": "CUDA out of memory"})
+
+    now = [100.0]
+    board = HealthBoard(clock=lambda: now[0], probe_seconds=2.0)
+    board.register("worker", max_in_flight=1)
+
+    async def requests_then_rounds(worker: WorkerBackend) -> None:
+        await probe_all(board, [worker], fresh_seconds=board.probe_seconds)  # never probed: probed now
+        for _ in range(50):
+            await probe_all(board, [worker], fresh_seconds=board.probe_seconds)
+        assert len(probes) == 1 and board.status("worker") == "open"
+        await probe_all(board, [worker])  # the prober's own round always probes what is in doubt
+        assert len(probes) == 2
+        now[0] += 2.0  # one interval later a request may probe again
+        await probe_all(board, [worker], fresh_seconds=board.probe_seconds)
+        assert len(probes) == 3
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+            worker = WorkerBackend("worker", "http://gpu-1:8000", client, variants=frozenset({"fast"}))
+            await requests_then_rounds(worker)
+
+    asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -132,3 +133,11 @@ def test_migration_0005_keeps_every_tenant_and_makes_names_unique_regardless_of_
                     )
 
     asyncio.run(main())
+
+
+def test_every_setting_has_a_row_in_the_readme_settings_table() -> None:
+    """The README's table is the operator's reference: a setting missing from it is one nobody finds."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first_cells = re.findall(r"^\| ([^|]+) \|", readme, re.MULTILINE)
+    documented = {name for cell in first_cells for name in re.findall(r"`(?:HDG_)?([A-Z0-9_]+)`", cell)}
+    assert sorted(n.upper() for n in Settings.model_fields if n.upper() not in documented) == []

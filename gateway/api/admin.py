@@ -175,7 +175,7 @@ async def backends(state: StateDep) -> dict[str, Any]:
     """Every backend: kind, variants, state (as /readyz names it), circuit, latency, in flight, last error."""
     # Only backends already in doubt are probed here: an unauthenticated flood of /readyz (or this) must not be able
     # to trip a healthy backend's breaker with a slow health check and send its traffic to a dearer provider.
-    await probe_all(state.health, state.backends, doubtful_only=True)
+    await probe_all(state.health, state.backends, fresh_seconds=state.health.probe_seconds)
     health = state.health.snapshot()
     data = [
         {

@@ -8,10 +8,7 @@ never the API's JSON.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import inspect
-import json
 import logging
 import re
 import secrets
@@ -27,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.deps import public_base_url
 from gateway.api.images import MAX_SEED, ImageGenerationRequest, StillRunning, generate_image
-from gateway.auth import Principal, hash_key, issue_key
+from gateway.api.submit import fingerprint_of
+from gateway.auth import Principal, hash_key, issue_key, lookup_key
 from gateway.backends.base import ImageJob
 from gateway.console import sessions
 from gateway.console.charts import series_class, stacked_bars
@@ -37,6 +35,7 @@ from gateway.console.pages import (
     STATIC_TYPES,
     FormError,
     code_samples,
+    in_console,
     parse_form,
     render,
     static_file,
@@ -56,7 +55,7 @@ from gateway.console.views import (
     tenants_overview,
     usd,
 )
-from gateway.errors import GatewayError, IdempotencyConflict
+from gateway.errors import AuthenticationFailed, GatewayError, IdempotencyConflict, PermissionDenied
 from gateway.health import probe_all
 from gateway.metering import price_usd
 from gateway.state import AppState
@@ -98,10 +97,6 @@ class Leave(Exception):
     def __init__(self, response: Response) -> None:
         super().__init__(response.status_code)
         self.response = response
-
-
-def in_console(path: str) -> bool:
-    return path == PREFIX or path.startswith(PREFIX + "/")
 
 
 Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
@@ -390,17 +385,18 @@ async def sign_in(request: Request) -> Response:
             )
             where = "/console/admin"
         else:
-            found = await repo.find_key_by_hash(session, key_hash=hash_key(given))
-            # The lookup is by hash; compare again in constant time so no change to it can become an oracle.
-            if found is None or not hmac.compare_digest(found[0].key_hash, hash_key(given)):
+            try:
+                principal = await lookup_key(session, hash_key(given))
+            except AuthenticationFailed:
                 return sign_in_form(status_code=401, error="That key or token was not recognised.")
-            key, tenant = found
-            if key.revoked_at is not None:
-                return sign_in_form(status_code=403, error="This API key has been revoked.")
+            except PermissionDenied as exc:
+                if exc.code != "api_key_revoked":
+                    state.sign_ins.forgive(client)  # a real, live key of a disabled tenant: no guess
+                return sign_in_form(status_code=403, error=exc.message)
             state.sign_ins.forgive(client)  # a real key: no guess
-            if tenant.status != "active":
-                return sign_in_form(status_code=403, error="This tenant is disabled.")
-            cookie, _ = await sessions.start_tenant_session(session, key=key, hours=hours, replacing=replacing)
+            cookie, _ = await sessions.start_tenant_session(
+                session, key=principal.key, hours=hours, replacing=replacing
+            )
             where = "/console/overview"
     response = RedirectResponse(where, status_code=303)
     secure = request.url.scheme == "https" or state.settings.console_secure_cookie
@@ -572,8 +568,7 @@ def fingerprint(body: ImageGenerationRequest) -> str:
     """What a playground nonce is bound to: the request the form made (not the form's bytes, which carry the CSRF
     token and the nonce itself), so the same form sent again is the same request.
     """
-    canonical = json.dumps(["/console/playground", body.model_dump(mode="json")], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return fingerprint_of("/console/playground", body.model_dump(mode="json"))
 
 
 @router.post("/playground")
@@ -710,7 +705,7 @@ async def admin_tenants(request: Request, viewer: AdminDep) -> Response:
 async def admin_backends(request: Request, viewer: AdminDep) -> Response:
     """Each backend's state (as /readyz names it), load, latency, error rate, prices and this month's cost."""
     state = state_of(request)
-    await probe_all(state.health, state.backends, doubtful_only=True)  # only those in doubt, as /admin/backends
+    await probe_all(state.health, state.backends, fresh_seconds=state.health.probe_seconds)  # as /admin/backends
     health = state.health.snapshot()
     now = datetime.now(UTC)
     async with state.sessions() as session:

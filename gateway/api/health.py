@@ -28,7 +28,7 @@ async def backend_checks(state: AppState) -> dict[str, str]:
     ``up``, ``degraded`` (recent failures, or half-open: the next request is its trial), ``open`` (down, or failing:
     not routed to until it recovers), ``loading`` (answers, model not loaded yet) or ``misconfigured``.
     """
-    await probe_all(state.health, state.backends, doubtful_only=True)
+    await probe_all(state.health, state.backends, fresh_seconds=state.health.probe_seconds)
     return {backend.name: state.health.status(backend.name) for backend in state.backends}
 
 

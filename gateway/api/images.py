@@ -173,9 +173,7 @@ async def generate_image(
     _check_text(body.prompt, "prompt", limit)
     _check_text(body.negative_prompt, "negative_prompt", limit)
     width, height = parse_size(body.size)
-    idem = await idempotency(request, idempotency_key)
-    if idem is not None and fingerprint is not None:
-        idem = (idem[0], fingerprint)
+    idem = await idempotency(request, idempotency_key, fingerprint=fingerprint)
 
     rate = await state.limits.check(principal)
 

@@ -17,8 +17,16 @@ from gateway.jobs import Finished
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces: what Stripe-style keys look like
 
 
-async def idempotency(request: Request, key: str | None) -> tuple[str, str] | None:
-    """(key, fingerprint of this endpoint and body), or None without a key.
+def fingerprint_of(path: str, payload: Any) -> str:
+    """SHA-256 of an endpoint and its payload as canonical JSON: the same request in other whitespace or key order
+    has the same fingerprint.
+    """
+    canonical = json.dumps([path, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def idempotency(request: Request, key: str | None, *, fingerprint: str | None = None) -> tuple[str, str] | None:
+    """(key, fingerprint of this endpoint and body, unless the caller made its own), or None without a key.
 
     The body is fingerprinted as canonical JSON, so the same request sent with other whitespace or key order
     is the same request.
@@ -29,12 +37,13 @@ async def idempotency(request: Request, key: str | None) -> tuple[str, str] | No
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters without spaces.", param="Idempotency-Key"
         )
+    if fingerprint is not None:
+        return key, fingerprint
     try:
         body: Any = json.loads(await request.body() or b"null")
     except ValueError:
         body = None  # FastAPI has already refused a body that is not JSON
-    canonical = json.dumps([request.url.path, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return key, hashlib.sha256(canonical.encode()).hexdigest()
+    return key, fingerprint_of(request.url.path, body)
 
 
 async def _hung_up(request: Request) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from decimal import Decimal
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -17,6 +16,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.console.views import usd
+from gateway.usage import money
 
 PREFIX = "/console"
 # Nothing inline and nothing from elsewhere: a prompt or tenant name that slipped past escaping still could not run.
@@ -60,7 +60,7 @@ def environment() -> Environment:
     )
     env.globals["static_url"] = static_url
     env.filters["usd"] = usd
-    env.filters["micros"] = lambda micros: f"{Decimal(micros) / 1_000_000:.6f}"  # exact: /v1/usage's price_usd
+    env.filters["micros"] = money  # exact, as /v1/usage's price_usd
     env.filters["when"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S UTC") if at is not None else ""
     return env
 
@@ -73,6 +73,11 @@ def render(template: str, *, status_code: int = 200, headers: dict[str, str] | N
     return response
 
 
+def in_console(path: str) -> bool:
+    """Whether ``path`` is one of the console's (``/console`` or below it)."""
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
 class ConsoleHeadersMiddleware:
     """Put the console's security headers on every answer under /console, errors and 413s included."""
 
@@ -81,7 +86,7 @@ class ConsoleHeadersMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")):
+        if scope["type"] != "http" or not in_console(path):
             await self.app(scope, receive, send)
             return
 

@@ -66,22 +66,30 @@ class Budget:
         return self.spent + self.reserved
 
 
+async def _month(
+    session: AsyncSession,
+    ledger: type[TenantSpend] | type[KeySpend],
+    owner_id: str,
+    limit: Decimal | None,
+    now: datetime,
+) -> Budget:
+    """This UTC month's ledger row of a tenant or key (the row its budget is checked against) as a Budget."""
+    row: TenantSpend | KeySpend | None = await session.get(ledger, (owner_id, repo.month_key(now)))
+    if row is None:
+        return Budget(spent=Decimal(0), reserved=Decimal(0), limit=limit)
+    return Budget(spent=row.spent_usd, reserved=row.reserved_usd, limit=limit)
+
+
 async def budget(session: AsyncSession, *, tenant: Tenant, now: datetime) -> Budget:
-    """This UTC month's spend and holds of ``tenant`` (the ledger row budgets are checked against)."""
-    row = await session.get(TenantSpend, (tenant.id, repo.month_key(now)))
-    spent = row.spent_usd if row is not None else Decimal(0)
-    reserved = row.reserved_usd if row is not None else Decimal(0)
-    return Budget(spent=spent, reserved=reserved, limit=tenant.monthly_budget_usd)
+    """This UTC month's spend and holds of ``tenant``."""
+    return await _month(session, TenantSpend, tenant.id, tenant.monthly_budget_usd, now)
 
 
 async def key_budget(session: AsyncSession, *, key: ApiKey, now: datetime) -> Budget | None:
     """This UTC month's spend and holds of ``key`` against its own monthly budget; None when it has none."""
     if key.monthly_budget_usd is None:
         return None
-    row = await session.get(KeySpend, (key.id, repo.month_key(now)))
-    spent = row.spent_usd if row is not None else Decimal(0)
-    reserved = row.reserved_usd if row is not None else Decimal(0)
-    return Budget(spent=spent, reserved=reserved, limit=key.monthly_budget_usd)
+    return await _month(session, KeySpend, key.id, key.monthly_budget_usd, now)
 
 
 # -- usage per day -------------------------------------------------------------------------------------------------
