@@ -288,6 +288,8 @@ def start_litellm(tmp: str) -> tuple[subprocess.Popen[bytes], Upstream, int, str
                     }
                 ],
                 "general_settings": {"master_key": key},
+                # OpenAI's own image models reject some parameters; this model name is not one of them.
+                "litellm_settings": {"drop_params": True},
             }
         )
     )

@@ -29,6 +29,7 @@ from gateway.metering import limited, price_usd
 from gateway.predictions import prediction_json
 from gateway.routing import Route
 from gateway.storage import ledger, queue, repo
+from gateway.storage.db import writing
 from gateway.storage.files import UrlSigner
 from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, utcnow
 
@@ -156,7 +157,7 @@ class Engine:
             webhook_events=spec.webhook_events,
         )
         try:
-            async with self.sessions.begin() as session:
+            async with writing(self.sessions) as session:
                 if idempotency is not None:
                     earlier = await self._earlier(session, principal, idempotency)
                     if earlier is not None:
@@ -251,7 +252,7 @@ class Engine:
 
     async def cancel(self, *, tenant_id: str, prediction_id: str) -> Prediction | None:
         """Cancel a job wherever it runs; a finished one is returned unchanged. None if there is no such job."""
-        async with self.sessions.begin() as session:
+        async with writing(self.sessions) as session:
             flagged = await queue.request_cancel(session, tenant_id=tenant_id, prediction_id=prediction_id)
         if flagged:
             async with self.sessions() as session:
@@ -320,7 +321,7 @@ class Engine:
         if prediction_id in self._tasks:  # claimed again here meanwhile: that task holds the lease now
             return
         try:
-            async with self.sessions.begin() as session:
+            async with writing(self.sessions) as session:
                 await queue.release(session, owner=self.owner, ids=[prediction_id])
         except Exception:
             log.exception("could not release %s; it is taken over when its lease expires", prediction_id)
@@ -345,7 +346,7 @@ class Engine:
             task.cancel()
         await asyncio.gather(*running.values(), return_exceptions=True)
         try:
-            async with self.sessions.begin() as session:
+            async with writing(self.sessions) as session:
                 await queue.release(session, owner=self.owner, ids=list(running))
         except Exception:
             log.exception("could not release %d jobs; they are taken over when their leases expire", len(running))
@@ -356,7 +357,7 @@ class Engine:
         if free <= 0 or self._stopping:
             return 0
         limit = min(free, 100)
-        async with self.sessions.begin() as session:
+        async with writing(self.sessions) as session:
             claimed = await queue.claim_due(session, owner=self.owner, lease_seconds=self.lease_seconds, limit=limit)
         # A full batch means more may be due; only then is a freed slot worth an immediate claim.
         self._backlog = len(claimed) == limit
@@ -389,15 +390,22 @@ class Engine:
         running = [pid for pid, task in self._tasks.items() if not task.done()]
         if not running:
             return
-        async with self.sessions.begin() as session:
+        async with writing(self.sessions) as session:
             held = await queue.renew_leases(session, owner=self.owner, ids=running, lease_seconds=self.lease_seconds)
+        # Not renewed: another runner took the job over, or its own task settled it between the list above and the
+        # renewal (and is finishing now). Only the first is a lost lease.
+        unrenewed = [pid for pid in running if pid not in held and self._spawned.get(pid, began) < began]
+        ended: set[str] = set()
+        if unrenewed:
+            async with self.sessions() as session:
+                ended = await queue.settled(session, ids=unrenewed)
         for pid, task in list(self._tasks.items()):
             if task.done() or task.cancelling() or pid in self._why:
                 continue  # already ending; cancelling it again would interrupt its clean-up
             if held.get(pid):
                 self._why[pid] = "cancel"
                 task.cancel()
-            elif pid not in held and self._spawned.get(pid, began) < began:
+            elif pid in unrenewed and pid not in ended:
                 log.warning("lost the lease on %s; another runner has it", pid)
                 self._why[pid] = "lost"
                 task.cancel()
@@ -413,7 +421,7 @@ class Engine:
     async def _purge_forever(self) -> None:
         while True:
             try:
-                async with self.sessions.begin() as session:
+                async with writing(self.sessions) as session:
                     await queue.purge_idempotency(session, before=utcnow() - IDEMPOTENCY_TTL)
             except Exception:
                 log.exception("purging idempotency keys failed")

@@ -39,6 +39,7 @@ from gateway.metrics import Metrics
 from gateway.routing import BackendView, Route, plan
 from gateway.settings import Cost
 from gateway.storage import queue, repo
+from gateway.storage.db import writing
 from gateway.storage.files import FileStore, StorageUnavailable
 from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
 
@@ -236,7 +237,7 @@ class JobRunner:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self._db, self.sessions.begin() as session:
+        async with self._db, writing(self.sessions) as session:
             yield session
 
     @asynccontextmanager
@@ -508,7 +509,7 @@ class JobRunner:
         async def record() -> bool:
             # Not behind the runner's database slots: the provider is already running (and billing) this job, so its
             # id must not wait behind a burst of settles, where a shutdown could catch it unrecorded.
-            async with self.sessions.begin() as session:
+            async with writing(self.sessions) as session:
                 return await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
 
         try:
@@ -699,7 +700,7 @@ class JobRunner:
         }
         before = {k: getattr(p, k) for k in changed}
         try:
-            async with self._transaction() if gated else self.sessions.begin() as session:
+            async with self._transaction() if gated else writing(self.sessions) as session:
                 won = await repo.finish_prediction(
                     session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
                 )

@@ -14,9 +14,10 @@ the tenant's, then the key's; nothing else takes those).
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, func, or_, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,8 +32,84 @@ TENANTS = cast(Table, Tenant.__table__)
 API_KEYS = cast(Table, ApiKey.__table__)
 
 
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+def _insert_for(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+# The statements below are built once and executed with parameters: they run on every generation, and building a
+# statement (and its cache key) costs several times what executing it does.
+
+
+@cache
+def _advisory_lock(owner: str) -> Any:
+    return select(func.pg_advisory_xact_lock(_LOCK_SPACES[owner], func.hashtext(bindparam("owner_id"))))
+
+
+@cache
+def _open_month(table: Table, owner: str, dialect: str) -> Any:
+    """Create an owner's month row at zero, unless it exists."""
+    values = {owner: bindparam("owner_id"), "month": bindparam("in_month"), "spent_usd": 0, "reserved_usd": 0}
+    return _insert_for(dialect)(table).values(values).on_conflict_do_nothing()
+
+
+@cache
+def _guarded_reserve(table: Table, owners: Table, owner: str) -> Any:
+    """Add ``amount`` to the month's reservations where the budget allows (see ``_reserve_month``)."""
+    c, other = table.c, table.alias("other")
+    open_elsewhere = (
+        select(func.coalesce(func.sum(other.c.reserved_usd), 0))
+        .where(other.c[owner] == bindparam("owner_id"), other.c.month != bindparam("in_month"))
+        .scalar_subquery()
+    )
+    # Read from the row, not the (cached) caller: a budget changed on another replica holds at once.
+    budget = select(owners.c.monthly_budget_usd).where(owners.c.id == bindparam("owner_id")).scalar_subquery()
+    amount = bindparam("amount", type_=c.reserved_usd.type)
+    # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
+    total = func.round(c.spent_usd + c.reserved_usd + open_elsewhere + amount, 6)
+    return (
+        update(table)
+        .where(c[owner] == bindparam("owner_id"), c.month == bindparam("in_month"))
+        .where(or_(budget.is_(None), total <= budget))
+        .values(reserved_usd=func.round(c.reserved_usd + amount, 6))
+    )
+
+
+@cache
+def _slot(table: Table, delta: int) -> Any:
+    """Take (+1, where the limit allows) or give back (-1) an in-flight slot."""
+    c = table.c
+    stmt = update(table).where(c.id == bindparam("row_id"))
+    if delta > 0:
+        stmt = stmt.where(c.max_in_flight.is_(None) | (c.in_flight < c.max_in_flight))
+    return stmt.values(in_flight=c.in_flight + delta)
+
+
+@cache
+def _apply_stmt(table: Table, owner: str, dialect: str) -> Any:
+    c = table.c
+    spent = bindparam("spent", type_=c.spent_usd.type)
+    reserved = bindparam("reserved", type_=c.reserved_usd.type)
+    values = {owner: bindparam("owner_id"), "month": bindparam("in_month"), "spent_usd": spent}
+    values["reserved_usd"] = reserved
+    return (
+        _insert_for(dialect)(table)
+        .values(values)
+        .on_conflict_do_update(
+            index_elements=[owner, "month"],
+            set_={
+                "spent_usd": func.round(c.spent_usd + spent, 6),
+                "reserved_usd": func.round(c.reserved_usd + reserved, 6),
+            },
+        )
+    )
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0))
 
 
 async def _reserve_month(
@@ -44,44 +121,29 @@ async def _reserve_month(
     held in one month and ended in the next is charged to the month it ends in, so its hold must count there too
     (and a replica whose clock is a little behind may still be holding into the month before).
     """
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = _dialect(session)
+    params = {"owner_id": owner_id, "in_month": month}
+    if dialect == "postgresql":
         # One hold at a time per owner, whatever the month: the guard's reads of the other months then see every
         # committed hold (two holds on different month rows would not wait on each other's row lock).
-        await session.execute(select(func.pg_advisory_xact_lock(_LOCK_SPACES[owner], func.hashtext(owner_id))))
-    await session.execute(
-        _insert(session)(table).values({owner: owner_id, "month": month, "spent_usd": 0, "reserved_usd": 0})
-        .on_conflict_do_nothing()
-    )  # fmt: skip
-    c, other = table.c, table.alias("other")
-    open_elsewhere = (
-        select(func.coalesce(func.sum(other.c.reserved_usd), 0))
-        .where(other.c[owner] == owner_id, other.c.month != month)
-        .scalar_subquery()
-    )
-    # Read from the row, not the (cached) caller: a budget changed on another replica holds at once.
-    budget = select(owners.c.monthly_budget_usd).where(owners.c.id == owner_id).scalar_subquery()
-    # Rounded to the column's six places: SQLite keeps these as binary floats, whose sums drift below a micro-dollar.
-    total = func.round(c.spent_usd + c.reserved_usd + open_elsewhere + amount, 6)
+        await session.execute(_advisory_lock(owner), params)
     # One guarded update: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
     # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
     # (The subqueries are read once, before that wait: other months' holds can only have shrunk meanwhile, since
     # holds are taken one at a time, so a stale read refuses a little early, never late.)
-    result = await session.execute(
-        update(table)
-        .where(c[owner] == owner_id, c.month == month, or_(budget.is_(None), total <= budget))
-        .values(reserved_usd=func.round(c.reserved_usd + amount, 6))
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    reserve = _guarded_reserve(table, owners, owner)
+    if _rowcount(await session.execute(reserve, params | {"amount": amount})) == 1:
+        return True
+    # Nothing was updated: the budget refused, or the month has no row yet (its first job). Only in the second case
+    # does the insert add one, and then the guard is asked again. (Holds of one owner are serialised: by the lock
+    # above on PostgreSQL, by the database's single writer on SQLite; so the row cannot appear in between.)
+    if _rowcount(await session.execute(_open_month(table, owner, dialect), params)) != 1:
+        return False
+    return _rowcount(await session.execute(reserve, params | {"amount": amount})) == 1
 
 
 async def _take_slot(session: AsyncSession, table: Table, row_id: str) -> bool:
-    c = table.c
-    result = await session.execute(
-        update(table)
-        .where(c.id == row_id, (c.max_in_flight.is_(None)) | (c.in_flight < c.max_in_flight))
-        .values(in_flight=c.in_flight + 1)
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    return _rowcount(await session.execute(_slot(table, +1), {"row_id": row_id})) == 1
 
 
 async def hold(session: AsyncSession, *, tenant: Tenant, key: ApiKey, month: str, amount: Decimal) -> None:
@@ -115,16 +177,9 @@ async def hold(session: AsyncSession, *, tenant: Tenant, key: ApiKey, month: str
 async def _apply(
     session: AsyncSession, table: Table, owner: dict[str, str], *, month: str, spent: Decimal, reserved: Decimal
 ) -> None:
-    c = table.c
-    stmt = _insert(session)(table).values(**owner, month=month, spent_usd=spent, reserved_usd=reserved)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[*owner, "month"],
-        set_={
-            "spent_usd": func.round(c.spent_usd + spent, 6),
-            "reserved_usd": func.round(c.reserved_usd + reserved, 6),
-        },
-    )
-    await session.execute(stmt)
+    ((column, owner_id),) = owner.items()
+    stmt = _apply_stmt(table, column, _dialect(session))
+    await session.execute(stmt, {"owner_id": owner_id, "in_month": month, "spent": spent, "reserved": reserved})
 
 
 async def settle(
@@ -147,4 +202,4 @@ async def settle(
             await _apply(session, table, owner, month=month, spent=charge, reserved=-(held or Decimal(0)))
     if held is not None:
         for table, row_id in ((TENANTS, tenant_id), (API_KEYS, key_id)):
-            await session.execute(update(table).where(table.c.id == row_id).values(in_flight=table.c.in_flight - 1))
+            await session.execute(_slot(table, -1), {"row_id": row_id})

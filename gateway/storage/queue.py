@@ -25,6 +25,9 @@ ACTIVE = tuple(TRANSITIONS)  # the states a job leaves; every guarded update bel
 TERMINAL = frozenset().union(*TRANSITIONS.values()) - set(TRANSITIONS)
 
 
+_INSERT_JOB = insert(PREDICTIONS)
+
+
 def _won(result: Any) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
@@ -32,7 +35,8 @@ def _won(result: Any) -> bool:
 async def insert_job(session: AsyncSession, prediction: Prediction) -> None:
     """Insert a new job row (a Core insert: it is on every request's path)."""
     values = {c.key: getattr(prediction, c.key) for c in PREDICTIONS.columns}
-    await session.execute(insert(PREDICTIONS).values({k: v for k, v in values.items() if v is not None}))
+    # One statement object for every job: its compiled form is cached per set of columns given.
+    await session.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})
 
 
 async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -> IdempotencyKey | None:
@@ -117,6 +121,12 @@ async def renew_leases(
         )
         held |= {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
     return held
+
+
+async def settled(session: AsyncSession, *, ids: Sequence[str]) -> set[str]:
+    """Those of ``ids`` whose jobs have ended (succeeded, failed or canceled)."""
+    stmt = select(Prediction.id).where(Prediction.id.in_(ids), Prediction.status.in_(TERMINAL))
+    return set((await session.scalars(stmt)).all())
 
 
 def _held(prediction_id: str, owner: str) -> Any:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -98,6 +99,28 @@ async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id
     return (await session.scalars(stmt)).first()
 
 
+# Core statements built once, executed with parameters: these run once per generation, and building a statement
+# (and its cache key) costs more than executing it; the ORM's per-column work would cost more still.
+_INSERT_USAGE = insert(USAGE_EVENTS)
+
+
+@cache
+def _settle_stmt(columns: tuple[str, ...], owned: bool) -> Any:
+    """The guarded update that ends a job: sets ``columns`` (and frees the lease) where the job is still in one of
+    the expected states (and, if ``owned``, still held by the owner); returns its hold.
+    """
+    t = PREDICTIONS.c
+    guard = [t.id == bindparam("g_id"), t.status.in_(bindparam("g_expected", expanding=True))]
+    if owned:
+        guard.append(t.lease_owner == bindparam("g_owner"))
+    return (
+        update(PREDICTIONS)
+        .where(*guard)
+        .values({name: bindparam(f"v_{name}") for name in columns} | {"lease_owner": None, "lease_expires_at": None})
+        .returning(t.reserved_usd, t.reserved_month)
+    )
+
+
 async def finish_prediction(
     session: AsyncSession,
     *,
@@ -126,40 +149,32 @@ async def finish_prediction(
     did not win, and then nothing was written.
     """
     now = utcnow()
-    # Core statements on the tables: this runs once per generation, and the ORM's per-column work would be most
-    # of its cost.
-    t = PREDICTIONS.c
-    guard = [t.id == prediction.id, t.status.in_(expected)]
+    values = {
+        "error_code": error_code,
+        "status": status,
+        "backend": backend,
+        "latency_ms": latency_ms,
+        "error": error,
+        "completed_at": now,
+        "width": width,
+        "height": height,
+        "attempts": attempts,
+        "attempt_log": attempt_log,
+    }
+    if logs is not None:
+        values["logs"] = logs
+    guard = {"g_id": prediction.id, "g_expected": list(expected)}
     if lease_owner is not None:
-        guard.append(t.lease_owner == lease_owner)
-    settled = await session.execute(
-        update(PREDICTIONS)
-        .where(*guard)
-        .returning(t.reserved_usd, t.reserved_month)
-        .values(
-            error_code=error_code,
-            **({"logs": logs} if logs is not None else {}),
-            lease_owner=None,
-            lease_expires_at=None,
-            status=status,
-            backend=backend,
-            latency_ms=latency_ms,
-            error=error,
-            completed_at=now,
-            width=width,
-            height=height,
-            attempts=attempts,
-            attempt_log=attempt_log,
-        )
-    )
-    won = settled.first()
+        guard["g_owner"] = lease_owner
+    stmt = _settle_stmt(tuple(values), lease_owner is not None)
+    won = (await session.execute(stmt, {f"v_{k}": v for k, v in values.items()} | guard)).first()
     if won is None:
         return False
     held, held_month = won
     if held is not None:
         price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
-        await session.execute(insert(FILES).values([_columns(f) for f in files]))
+        await session.execute(insert(FILES), [_columns(f) for f in files])
     await ledger.settle(
         session,
         tenant_id=prediction.tenant_id,
@@ -170,22 +185,23 @@ async def finish_prediction(
         held_month=held_month,
     )
     await session.execute(
-        insert(USAGE_EVENTS).values(
-            prediction_id=prediction.id,
-            tenant_id=prediction.tenant_id,
-            api_key_id=prediction.api_key_id,
-            model=prediction.model,
-            width=width,
-            height=height,
-            images=images,
-            backend=backend,
-            price_usd=price_usd,
-            cost_usd=cost_usd,
-            attempts=attempts,
-            latency_ms=latency_ms,
-            status=status,
-            created_at=now,
-        )
+        _INSERT_USAGE,
+        {
+            "prediction_id": prediction.id,
+            "tenant_id": prediction.tenant_id,
+            "api_key_id": prediction.api_key_id,
+            "model": prediction.model,
+            "width": width,
+            "height": height,
+            "images": images,
+            "backend": backend,
+            "price_usd": price_usd,
+            "cost_usd": cost_usd,
+            "attempts": attempts,
+            "latency_ms": latency_ms,
+            "status": status,
+            "created_at": now,
+        },
     )
     return True
 
