@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
+from sqlalchemy import Connection
 
 from gateway.auth import create_tenant_with_key
 from gateway.storage import ledger, queue, repo
 from gateway.storage.db import open_database, session_factory
 from gateway.storage.models import ApiKey, Prediction, Tenant, new_id, utcnow
+from gateway.storage.writer import transact
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PRICE = Decimal("0.010486")
@@ -70,10 +72,15 @@ async def run(url: str, jobs: int, concurrency: int) -> None:
                 i: int, group: list[Caller] = group, held: bool = held, gate: asyncio.Semaphore = gate
             ) -> None:
                 caller = group[i % len(group)]
-                async with gate, sessions.begin() as session:
+                p = job(caller, held=held, month=month)
+
+                def record(conn: Connection, p: Prediction = p) -> None:  # as the engine records a job
                     if held:
-                        await ledger.hold(session, tenant=caller.tenant, key=caller.key, month=month, amount=PRICE)
-                    await queue.insert_job(session, job(caller, held=held, month=month))
+                        ledger.hold(conn, tenant=caller.tenant, key=caller.key, month=month, amount=PRICE)
+                    queue.insert_job(conn, p)
+
+                async with gate:
+                    await transact(sessions, record)
 
             began = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(jobs)))

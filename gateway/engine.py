@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Connection, Table, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -32,6 +33,9 @@ from gateway.storage import ledger, queue, repo
 from gateway.storage.db import writing
 from gateway.storage.files import UrlSigner
 from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, utcnow
+from gateway.storage.writer import transact
+
+IDEMPOTENCY_KEYS = cast(Table, IdempotencyKey.__table__)
 
 log = logging.getLogger("hidream_gateway.engine")
 
@@ -156,47 +160,55 @@ class Engine:
             webhook=spec.webhook,
             webhook_events=spec.webhook_events,
         )
+        expired = False
+        if idempotency is not None:
+            async with self.sessions() as session:
+                earlier, expired = await self._earlier(session, principal, idempotency)
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
+        if precheck is not None:
+            precheck()
+        job = spec.job
+        if limited(principal):
+            amount = price_usd(self.runner.prices, model=spec.model, width=job.width, height=job.height, images=job.n)
+            p.reserved_usd, p.reserved_month = amount, repo.month_key(now)
+        start = self._body(p, "start", ())
+
+        def record(conn: Connection) -> None:
+            # One transaction: the reservation, the job it admits, its key and its start event. A refusal (or a
+            # concurrent request with the same key) rolls all of it back.
+            if p.reserved_usd is not None and p.reserved_month is not None:
+                ledger.hold(
+                    conn, tenant=principal.tenant, key=principal.key, month=p.reserved_month, amount=p.reserved_usd
+                )
+            queue.insert_job(conn, p)
+            if idempotency is not None:
+                key, fingerprint = idempotency
+                if expired:  # the key may be used again: its old row goes (unless it was replaced meanwhile)
+                    queue.drop_idempotency(conn, tenant_id=p.tenant_id, key=key, before=now - IDEMPOTENCY_TTL)
+                # A concurrent duplicate fails here, on the key's primary key.
+                conn.execute(
+                    insert(IDEMPOTENCY_KEYS),
+                    {"tenant_id": p.tenant_id, "key": key, "fingerprint": fingerprint, "prediction_id": p.id}
+                    | {"created_at": now},
+                )
+            if start is not None:
+                webhooks.enqueue(conn, prediction=p, event="start", payload=start)
+
         try:
-            async with writing(self.sessions) as session:
-                if idempotency is not None:
-                    earlier = await self._earlier(session, principal, idempotency)
-                    if earlier is not None:
-                        return Submitted(earlier, replayed=True)
-                if precheck is not None:
-                    precheck()
-                if limited(principal):
-                    # One transaction: the reservation and the job it admits. A refusal rolls both back.
-                    job = spec.job
-                    amount = price_usd(
-                        self.runner.prices, model=spec.model, width=job.width, height=job.height, images=job.n
-                    )
-                    month = repo.month_key(now)
-                    await ledger.hold(session, tenant=principal.tenant, key=principal.key, month=month, amount=amount)
-                    p.reserved_usd, p.reserved_month = amount, month
-                await queue.insert_job(session, p)
-                if idempotency is not None:
-                    key, fingerprint = idempotency
-                    session.add(
-                        IdempotencyKey(
-                            tenant_id=principal.tenant.id,
-                            key=key,
-                            fingerprint=fingerprint,
-                            prediction_id=p.id,
-                            created_at=now,
-                        )
-                    )
-                    await session.flush()  # a concurrent duplicate fails here, on the key's primary key
-                await self._event(session, p, "start", ())
+            await transact(self.sessions, record)
         except (IntegrityError, BudgetExceeded, ConcurrencyLimited):
             # A concurrent request with the same key may have committed first: this one then failed on the key's
             # primary key, or was refused by the hold the other one took (its own job), and is a replay of it.
             if idempotency is None:
                 raise
             async with self.sessions() as session:
-                earlier = await self._earlier(session, principal, idempotency)
+                earlier, _ = await self._earlier(session, principal, idempotency)
             if earlier is None:
                 raise
             return Submitted(earlier, replayed=True)
+        if start is not None:
+            self._hooked.add(p.id)
         self._wake_sender(p.id)
         if direct:
             self._spawn(p)
@@ -207,20 +219,19 @@ class Engine:
 
     async def _earlier(
         self, session: AsyncSession, principal: Principal, idempotency: tuple[str, str]
-    ) -> Prediction | None:
+    ) -> tuple[Prediction | None, bool]:
+        """(The job an earlier request with this key made, whether the key's row has expired); reads only."""
         key, fingerprint = idempotency
         row = await queue.find_idempotency(session, tenant_id=principal.tenant.id, key=key)
         if row is None:
-            return None
-        cutoff = utcnow() - IDEMPOTENCY_TTL
-        if row.created_at < cutoff:  # expired: the key may be used again
-            await queue.drop_idempotency(session, tenant_id=principal.tenant.id, key=key, before=cutoff)
-            return None
+            return None, False
+        if row.created_at < utcnow() - IDEMPOTENCY_TTL:  # expired: the key may be used again
+            return None, True
         if row.fingerprint != fingerprint:
             raise IdempotencyConflict(
                 "This Idempotency-Key was already used with a different request body; use a new key."
             )
-        return await queue.load(session, prediction_id=row.prediction_id)
+        return await queue.load(session, prediction_id=row.prediction_id), False
 
     async def wait(self, prediction_id: str, *, timeout: float) -> Finished:
         """The job once it is terminal, or as it stands after ``timeout`` seconds."""
@@ -429,25 +440,30 @@ class Engine:
 
     # -- events ------------------------------------------------------------------------------------------------
 
-    async def _on_settle(self, session: AsyncSession, p: Prediction, files: Sequence[StoredFile]) -> None:
-        if p.status == "succeeded":
-            await self._event(session, p, "output", files)
-        await self._event(session, p, "completed", files)
+    def _on_settle(self, p: Prediction, files: Sequence[StoredFile]) -> list[tuple[str, dict[str, Any]]]:
+        """The webhook events a settle writes with its state change, rendered from ``p`` as settled."""
+        events = [("output", self._body(p, "output", files))] if p.status == "succeeded" else []
+        events.append(("completed", self._body(p, "completed", files)))
+        written = [(event, body) for event, body in events if body is not None]
+        if written:
+            # The sender is woken once the settle has committed (in _forget), not now: woken before, it would find
+            # nothing yet and sleep a whole idle period.
+            self._hooked.add(p.id)
+        return written
 
     async def _on_log(self, session: AsyncSession, p: Prediction, logs: str) -> None:
         # Not woken for: the sender's next poll (within a second) sends it, after this transaction has committed.
         before, p.logs = p.logs, logs  # the body shows the logs as written
         try:
-            await self._event(session, p, "logs", ())
+            body = self._body(p, "logs", ())
         finally:
             p.logs = before
+        if body is not None:
+            conn = await session.connection()
+            await conn.run_sync(lambda sync: webhooks.enqueue(sync, prediction=p, event="logs", payload=body))
 
-    async def _event(self, session: AsyncSession, p: Prediction, event: str, files: Sequence[StoredFile]) -> None:
-        """Write a webhook delivery in the caller's transaction, if the job asked for this event."""
+    def _body(self, p: Prediction, event: str, files: Sequence[StoredFile]) -> dict[str, Any] | None:
+        """The body of the ``event`` delivery for ``p`` as it stands, or None if its webhook did not ask for it."""
         if not p.webhook or not webhooks.wants(p.webhook_events, event):
-            return
-        body = prediction_json(p, files, signer=self.signer, base_url=p.params.get("base_url") or "")
-        await webhooks.enqueue(session, prediction=p, event=event, payload=body)
-        # The sender is woken once this transaction has committed (below and in _forget), not now: woken before,
-        # it would find nothing yet and sleep a whole idle period.
-        self._hooked.add(p.id)
+            return None
+        return prediction_json(p, files, signer=self.signer, base_url=p.params.get("base_url") or "")

@@ -16,6 +16,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -42,6 +43,7 @@ from gateway.storage import queue, repo
 from gateway.storage.db import writing
 from gateway.storage.files import FileStore, StorageUnavailable
 from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
+from gateway.storage.writer import transact
 
 log = logging.getLogger("hidream_gateway.jobs")
 
@@ -73,8 +75,8 @@ ERRORS: dict[str, type[GatewayError]] = {
     "storage_unavailable": StorageUnavailable,
 }
 Why = Literal["cancel", "lost", "shutdown"]
-# Called inside a settle's transaction, so webhook events are written with the state change they report.
-OnSettle = Callable[[AsyncSession, Prediction, Sequence[StoredFile]], Awaitable[None]]
+# The webhook events a settle writes with its state change: (event, body) each, rendered from the settled job.
+OnSettle = Callable[[Prediction, Sequence[StoredFile]], list[tuple[str, dict[str, Any]]]]
 OnLog = Callable[
     [AsyncSession, Prediction, str], Awaitable[None]
 ]  # logs were written (the new text), in that transaction
@@ -699,22 +701,30 @@ class JobRunner:
             "lease_owner": None,
         }
         before = {k: getattr(p, k) for k in changed}
+        for key, value in changed.items():  # the webhook bodies render the settled job
+            setattr(p, key, value)
+        won = False
         try:
-            async with self._transaction() if gated else writing(self.sessions) as session:
-                won = await repo.finish_prediction(
-                    session, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
+            events = self.on_settle(p, files) if self.on_settle is not None else []
+
+            def settle(conn: Connection) -> bool:
+                won = repo.finish_prediction(
+                    conn, prediction=p, lease_owner=owner, expected=expected, logs=text, **fields
                 )
-                if not won:
-                    return False
-                for key, value in changed.items():  # the webhook bodies below render the settled job
+                for event, body in events if won else ():
+                    webhooks.enqueue(conn, prediction=p, event=event, payload=body)
+                return won
+
+            if gated:
+                async with self._db:
+                    won = await transact(self.sessions, settle)
+            else:
+                won = await transact(self.sessions, settle)
+        finally:
+            if not won:  # rolled back, or not ours to settle: so is the object, so a retry writes the same row
+                for key, value in before.items():
                     setattr(p, key, value)
-                if self.on_settle is not None:
-                    await self.on_settle(session, p, files)
-        except BaseException:
-            for key, value in before.items():  # rolled back: so is the object, so a retry writes the same row
-                setattr(p, key, value)
-            raise
-        return True
+        return won
 
     async def _save_all(self, prediction: Prediction, result: ImageResult) -> list[StoredFile]:
         file_ids = [new_id("file") for _ in result.images]

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Connection, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.errors import NotFound
@@ -115,14 +115,17 @@ def headers(secret: str, msg_id: str, timestamp: int, body: bytes) -> dict[str, 
 # -- the outbox ---------------------------------------------------------------------------------------------------
 
 
-async def enqueue(session: AsyncSession, *, prediction: Prediction, event: str, payload: dict[str, Any]) -> None:
-    """Write one delivery in the caller's transaction, if the prediction has a webhook that wants ``event``."""
+def enqueue(conn: Connection, *, prediction: Prediction, event: str, payload: dict[str, Any]) -> None:
+    """Write one delivery in the caller's transaction, if the prediction has a webhook that wants ``event``.
+
+    A sync connection: the transactions that write deliveries run through ``storage.writer.transact``.
+    """
     if not prediction.webhook or not wants(prediction.webhook_events, event):
         return
     body = json.dumps(payload, separators=(",", ":"))
     now = utcnow()
     if event in THROTTLED:
-        recent = await session.scalar(
+        recent = conn.scalar(
             select(WebhookDelivery.id)
             .where(
                 WebhookDelivery.prediction_id == prediction.id,
@@ -134,7 +137,7 @@ async def enqueue(session: AsyncSession, *, prediction: Prediction, event: str, 
         if recent is not None:
             # Throttled. If the recent one is still unsent it carries this newer state instead, so the receiver
             # sees the latest output even when it asked for no completed event; a claimed one is left as sent.
-            await session.execute(
+            conn.execute(
                 update(WebhookDelivery)
                 .where(
                     WebhookDelivery.id == recent,
@@ -146,7 +149,7 @@ async def enqueue(session: AsyncSession, *, prediction: Prediction, event: str, 
                 .execution_options(synchronize_session=False)
             )
             return
-    await session.execute(
+    conn.execute(
         insert(WebhookDelivery).values(
             id=new_id("msg"),
             tenant_id=prediction.tenant_id,

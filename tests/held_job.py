@@ -42,5 +42,5 @@ async def insert_held_job(sessions: async_sessionmaker[AsyncSession], job: Image
             cancel_requested=False,
             logs="",
         )
-        await queue.insert_job(session, p)
+        await (await session.connection()).run_sync(queue.insert_job, p)
     return p

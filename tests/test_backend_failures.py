@@ -174,7 +174,7 @@ def _leave_running(database_url: str, tenant: dict[str, Any], job: dict[str, Any
             logs="",
         )
         async with open_database(database_url) as engine, session_factory(engine).begin() as session:
-            await queue.insert_job(session, p)
+            await (await session.connection()).run_sync(queue.insert_job, p)
         return p.id
 
     return asyncio.run(insert())

@@ -84,17 +84,20 @@ def test_a_settle_that_loses_never_reports_success(database_url: str, tmp_path: 
             async with runner.sessions.begin() as session:  # e.g. a cancel, or a runner that took the lease over
                 other = await queue.load(session, prediction_id=p.id)
                 assert other is not None
-                assert await repo.finish_prediction(
-                    session,
-                    prediction=other,
-                    status="canceled",
-                    backend=None,
-                    latency_ms=0,
-                    price_usd=Decimal(0),
-                    images=0,
-                    width=64,
-                    height=64,
-                    expected=queue.ACTIVE,
+                conn = await session.connection()
+                assert await conn.run_sync(
+                    lambda sync: repo.finish_prediction(
+                        sync,
+                        prediction=other,
+                        status="canceled",
+                        backend=None,
+                        latency_ms=0,
+                        price_usd=Decimal(0),
+                        images=0,
+                        width=64,
+                        height=64,
+                        expected=queue.ACTIVE,
+                    )
                 )
             backend.finish.set()
             finished = await running

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.auth import create_tenant_with_key
@@ -18,6 +18,7 @@ from gateway.reconcile import reconcile
 from gateway.storage import ledger, queue, repo
 from gateway.storage.db import open_database, session_factory, upgrade
 from gateway.storage.models import ApiKey, KeySpend, Prediction, Tenant, TenantSpend, UsageEvent, new_id, utcnow
+from gateway.storage.writer import transact
 
 
 async def _tenant(
@@ -40,18 +41,23 @@ async def _job(
         prompt="p", params={}, width=1024, height=1024, n=1, seed=1, attempts=0, created_at=utcnow(), job={},
         available_at=utcnow(), cancel_requested=False, logs="", reserved_usd=Decimal(amount), reserved_month=month,
     )  # fmt: skip
-    async with sessions.begin() as session:
-        await ledger.hold(session, tenant=tenant, key=key, month=month, amount=Decimal(amount))
-        await queue.insert_job(session, p)
+
+    def record(conn: Connection) -> None:
+        ledger.hold(conn, tenant=tenant, key=key, month=month, amount=Decimal(amount))
+        queue.insert_job(conn, p)
+
+    await transact(sessions, record)
     return p
 
 
 async def _finish(sessions: async_sessionmaker[AsyncSession], p: Prediction, price: str) -> bool:
-    async with sessions.begin() as session:
-        return await repo.finish_prediction(
-            session, prediction=p, status="succeeded", backend="fal", latency_ms=1, price_usd=Decimal(price),
+    return await transact(
+        sessions,
+        lambda conn: repo.finish_prediction(
+            conn, prediction=p, status="succeeded", backend="fal", latency_ms=1, price_usd=Decimal(price),
             images=0, width=1024, height=1024,
-        )  # fmt: skip
+        ),
+    )  # fmt: skip
 
 
 async def _rows(

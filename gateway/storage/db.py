@@ -20,6 +20,18 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x4844_4757
 
 
+def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
+    """WAL mode, a busy timeout and enforced foreign keys: every SQLite connection the gateway opens gets these."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a commit survives a crash of the process, not necessarily a power cut; use
+    # PostgreSQL where that matters. FULL would fsync on every commit (two per generation).
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL mode, a busy timeout and enforced foreign keys."""
     if url.startswith("sqlite"):
@@ -27,18 +39,7 @@ def create_engine(url: str) -> AsyncEngine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a commit survives a crash of the process, not necessarily a power cut; use
-            # PostgreSQL where that matters. FULL would fsync on every commit (two per generation).
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     # No pool_pre_ping: it costs a round trip on every checkout; pool_recycle retires idle connections instead.
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)

@@ -17,9 +17,8 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import BudgetExceeded, ConcurrencyLimited
 from gateway.storage.models import ApiKey, KeySpend, Tenant, TenantSpend
@@ -32,8 +31,8 @@ TENANTS = cast(Table, Tenant.__table__)
 API_KEYS = cast(Table, ApiKey.__table__)
 
 
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
+def _dialect(conn: Connection) -> str:
+    return conn.dialect.name
 
 
 def _insert_for(dialect: str) -> Any:
@@ -112,8 +111,8 @@ def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
-async def _reserve_month(
-    session: AsyncSession, table: Table, owners: Table, owner: str, owner_id: str, *, month: str, amount: Decimal
+def _reserve_month(
+    conn: Connection, table: Table, owners: Table, owner: str, owner_id: str, *, month: str, amount: Decimal
 ) -> bool:
     """Add ``amount`` to the month's reservations unless the owner's budget would be passed.
 
@@ -121,69 +120,69 @@ async def _reserve_month(
     held in one month and ended in the next is charged to the month it ends in, so its hold must count there too
     (and a replica whose clock is a little behind may still be holding into the month before).
     """
-    dialect = _dialect(session)
+    dialect = _dialect(conn)
     params = {"owner_id": owner_id, "in_month": month}
     if dialect == "postgresql":
         # One hold at a time per owner, whatever the month: the guard's reads of the other months then see every
         # committed hold (two holds on different month rows would not wait on each other's row lock).
-        await session.execute(_advisory_lock(owner), params)
+        conn.execute(_advisory_lock(owner), params)
     # One guarded update: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
     # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
     # (The subqueries are read once, before that wait: other months' holds can only have shrunk meanwhile, since
     # holds are taken one at a time, so a stale read refuses a little early, never late.)
     reserve = _guarded_reserve(table, owners, owner)
-    if _rowcount(await session.execute(reserve, params | {"amount": amount})) == 1:
+    if _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1:
         return True
     # Nothing was updated: the budget refused, or the month has no row yet (its first job). Only in the second case
     # does the insert add one, and then the guard is asked again. (Holds of one owner are serialised: by the lock
     # above on PostgreSQL, by the database's single writer on SQLite; so the row cannot appear in between.)
-    if _rowcount(await session.execute(_open_month(table, owner, dialect), params)) != 1:
+    if _rowcount(conn.execute(_open_month(table, owner, dialect), params)) != 1:
         return False
-    return _rowcount(await session.execute(reserve, params | {"amount": amount})) == 1
+    return _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1
 
 
-async def _take_slot(session: AsyncSession, table: Table, row_id: str) -> bool:
-    return _rowcount(await session.execute(_slot(table, +1), {"row_id": row_id})) == 1
+def _take_slot(conn: Connection, table: Table, row_id: str) -> bool:
+    return _rowcount(conn.execute(_slot(table, +1), {"row_id": row_id})) == 1
 
 
-async def hold(session: AsyncSession, *, tenant: Tenant, key: ApiKey, month: str, amount: Decimal) -> None:
+def hold(conn: Connection, *, tenant: Tenant, key: ApiKey, month: str, amount: Decimal) -> None:
     """Reserve ``amount`` on the tenant's and the key's month, and take one in-flight slot of each, or refuse.
 
     Raises BudgetExceeded (402) or ConcurrencyLimited (429); the caller's transaction must then roll back, which
     undoes whatever part of the hold was taken.
     """
-    if not await _reserve_month(session, TENANT_SPEND, TENANTS, "tenant_id", tenant.id, month=month, amount=amount):
+    if not _reserve_month(conn, TENANT_SPEND, TENANTS, "tenant_id", tenant.id, month=month, amount=amount):
         raise BudgetExceeded(
             f"This request would cost up to ${amount}, more than is left of the tenant's monthly budget of "
             f"${tenant.monthly_budget_usd} ({month}, counting jobs still running)."
         )
-    if not await _reserve_month(session, KEY_SPEND, API_KEYS, "api_key_id", key.id, month=month, amount=amount):
+    if not _reserve_month(conn, KEY_SPEND, API_KEYS, "api_key_id", key.id, month=month, amount=amount):
         raise BudgetExceeded(
             f"This request would cost up to ${amount}, more than is left of this API key's monthly budget of "
             f"${key.monthly_budget_usd} ({month}, counting jobs still running)."
         )
-    if not await _take_slot(session, TENANTS, tenant.id):
+    if not _take_slot(conn, TENANTS, tenant.id):
         raise ConcurrencyLimited(
             f"The tenant already has {tenant.max_in_flight} jobs queued or running; retry when one finishes.",
             headers={"Retry-After": "1"},
         )
-    if not await _take_slot(session, API_KEYS, key.id):
+    if not _take_slot(conn, API_KEYS, key.id):
         raise ConcurrencyLimited(
             f"This API key already has {key.max_in_flight} jobs queued or running; retry when one finishes.",
             headers={"Retry-After": "1"},
         )
 
 
-async def _apply(
-    session: AsyncSession, table: Table, owner: dict[str, str], *, month: str, spent: Decimal, reserved: Decimal
+def _apply(
+    conn: Connection, table: Table, owner: dict[str, str], *, month: str, spent: Decimal, reserved: Decimal
 ) -> None:
     ((column, owner_id),) = owner.items()
-    stmt = _apply_stmt(table, column, _dialect(session))
-    await session.execute(stmt, {"owner_id": owner_id, "in_month": month, "spent": spent, "reserved": reserved})
+    stmt = _apply_stmt(table, column, _dialect(conn))
+    conn.execute(stmt, {"owner_id": owner_id, "in_month": month, "spent": spent, "reserved": reserved})
 
 
-async def settle(
-    session: AsyncSession,
+def settle(
+    conn: Connection,
     *,
     tenant_id: str,
     key_id: str,
@@ -196,10 +195,10 @@ async def settle(
     for table, owner in ((TENANT_SPEND, {"tenant_id": tenant_id}), (KEY_SPEND, {"api_key_id": key_id})):
         if held is not None and held_month is not None and held_month != month:
             if charge:
-                await _apply(session, table, owner, month=month, spent=charge, reserved=Decimal(0))
-            await _apply(session, table, owner, month=held_month, spent=Decimal(0), reserved=-held)
+                _apply(conn, table, owner, month=month, spent=charge, reserved=Decimal(0))
+            _apply(conn, table, owner, month=held_month, spent=Decimal(0), reserved=-held)
         elif charge or held:
-            await _apply(session, table, owner, month=month, spent=charge, reserved=-(held or Decimal(0)))
+            _apply(conn, table, owner, month=month, spent=charge, reserved=-(held or Decimal(0)))
     if held is not None:
         for table, row_id in ((TENANTS, tenant_id), (API_KEYS, key_id)):
-            await session.execute(_slot(table, -1), {"row_id": row_id})
+            conn.execute(_slot(table, -1), {"row_id": row_id})

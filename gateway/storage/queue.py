@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.storage.models import IdempotencyKey, Prediction, utcnow
@@ -32,11 +32,11 @@ def _won(result: Any) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-async def insert_job(session: AsyncSession, prediction: Prediction) -> None:
+def insert_job(conn: Connection, prediction: Prediction) -> None:
     """Insert a new job row (a Core insert: it is on every request's path)."""
     values = {c.key: getattr(prediction, c.key) for c in PREDICTIONS.columns}
     # One statement object for every job: its compiled form is cached per set of columns given.
-    await session.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})
+    conn.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})
 
 
 async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -> IdempotencyKey | None:
@@ -44,9 +44,9 @@ async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -
     return await session.get(IdempotencyKey, (tenant_id, key))
 
 
-async def drop_idempotency(session: AsyncSession, *, tenant_id: str, key: str, before: datetime) -> None:
+def drop_idempotency(conn: Connection, *, tenant_id: str, key: str, before: datetime) -> None:
     """Forget an expired key so it can be used again (only if it is still the expired row)."""
-    await session.execute(
+    conn.execute(
         delete(IdempotencyKey).where(
             IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key, IdempotencyKey.created_at < before
         )

@@ -8,7 +8,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -121,8 +121,8 @@ def _settle_stmt(columns: tuple[str, ...], owned: bool) -> Any:
     )
 
 
-async def finish_prediction(
-    session: AsyncSession,
+def finish_prediction(
+    conn: Connection,
     *,
     prediction: Prediction,
     status: str,
@@ -167,16 +167,16 @@ async def finish_prediction(
     if lease_owner is not None:
         guard["g_owner"] = lease_owner
     stmt = _settle_stmt(tuple(values), lease_owner is not None)
-    won = (await session.execute(stmt, {f"v_{k}": v for k, v in values.items()} | guard)).first()
+    won = (conn.execute(stmt, {f"v_{k}": v for k, v in values.items()} | guard)).first()
     if won is None:
         return False
     held, held_month = won
     if held is not None:
         price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
-        await session.execute(insert(FILES), [_columns(f) for f in files])
-    await ledger.settle(
-        session,
+        conn.execute(insert(FILES), [_columns(f) for f in files])
+    ledger.settle(
+        conn,
         tenant_id=prediction.tenant_id,
         key_id=prediction.api_key_id,
         month=month_key(now),
@@ -184,7 +184,7 @@ async def finish_prediction(
         held=held,
         held_month=held_month,
     )
-    await session.execute(
+    conn.execute(
         _INSERT_USAGE,
         {
             "prediction_id": prediction.id,
