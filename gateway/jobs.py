@@ -511,8 +511,10 @@ class JobRunner:
         async def record() -> bool:
             # Not behind the runner's database slots: the provider is already running (and billing) this job, so its
             # id must not wait behind a burst of settles, where a shutdown could catch it unrecorded.
-            async with writing(self.sessions) as session:
-                return await queue.set_provider_job(session, prediction_id=p.id, owner=owner, backend=backend, ref=ref)
+            return await transact(
+                self.sessions,
+                lambda conn: queue.set_provider_job(conn, prediction_id=p.id, owner=owner, backend=backend, ref=ref),
+            )
 
         try:
             # Shielded: once started, the write finishes even if this task is cancelled (shutdown, lost lease),

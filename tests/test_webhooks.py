@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -34,6 +34,7 @@ from gateway.outbound import NetworkPolicy
 from gateway.storage import repo
 from gateway.storage.db import open_database, session_factory, upgrade
 from gateway.storage.models import Prediction, Tenant, WebhookDelivery, utcnow
+from gateway.storage.writer import transact
 from gateway.webhooks import MAX_ATTEMPTS, RETRY_SCHEDULE, WebhookSender, claim_deliveries, enqueue, tenant_secret
 from tests.fakes.server import ServerThread, free_port
 
@@ -127,8 +128,8 @@ async def seed(sessions: Sessions, *, webhook: str | None, events: list[str] | N
 
 
 async def emit(sessions: Sessions, prediction: Prediction, event: str, **payload: Any) -> None:
-    async with sessions.begin() as session:
-        await enqueue(session, prediction=prediction, event=event, payload={"id": prediction.id, **payload})
+    body = {"id": prediction.id, **payload}
+    await transact(sessions, lambda conn: enqueue(conn, prediction=prediction, event=event, payload=body))
 
 
 async def secret_of(sessions: Sessions, prediction: Prediction) -> str:
@@ -220,9 +221,12 @@ def test_enqueue_honours_the_filter_and_the_transaction(database_url: str) -> No
                     await emit(sessions, p, event, status=event)
 
             with pytest.raises(RuntimeError):  # the caller's transaction rolls back: its event goes with it
-                async with sessions.begin() as session:
-                    await enqueue(session, prediction=default, event="completed", payload={"id": "rolled back"})
+
+                def enqueue_then_fail(conn: Connection) -> None:
+                    enqueue(conn, prediction=default, event="completed", payload={"id": "rolled back"})
                     raise RuntimeError
+
+                await transact(sessions, enqueue_then_fail)
 
             rows = await deliveries(sessions)
             assert sorted((r.prediction_id, r.event) for r in rows) == sorted(

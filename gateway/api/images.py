@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
@@ -232,7 +233,6 @@ async def create_image(
     principal: PrincipalDep,
     state: StateDep,
     request: Request,
-    response: Response,
     route_header: Annotated[str | None, Header(alias="X-HDG-Route")] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Any:
@@ -252,8 +252,6 @@ async def create_image(
     if generated is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
     done, base_url = generated.done, generated.base_url
-    if generated.rate is not None:
-        response.headers.update(generated.rate.headers())
     p = done.prediction
     b64 = body.response_format == "b64_json"
     images = done.images
@@ -266,12 +264,12 @@ async def create_image(
         _file_entry(f, base_url=base_url, state=state, b64=images[i] if b64 and images is not None else None)
         for i, f in enumerate(done.files)
     ]
-    response.headers["X-HDG-Backend"] = p.backend or ""
-    response.headers["X-HDG-Attempts"] = str(p.attempts)
-    response.headers["X-HDG-Prediction-Id"] = p.id
+    headers = generated.rate.headers() if generated.rate is not None else {}
+    headers |= {"X-HDG-Backend": p.backend or "", "X-HDG-Attempts": str(p.attempts), "X-HDG-Prediction-Id": p.id}
     if generated.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return _prediction_body(p, data, p.params.get("output_format", body.output_format))
+        headers["Idempotent-Replayed"] = "true"
+    # JSON types only, so straight to the response (FastAPI's encoder would walk it again for nothing).
+    return JSONResponse(_prediction_body(p, data, p.params.get("output_format", body.output_format)), headers=headers)
 
 
 @router.get("/v1/images/generations/{prediction_id}")

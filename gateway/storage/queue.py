@@ -133,11 +133,11 @@ def _held(prediction_id: str, owner: str) -> Any:
     return and_(Prediction.id == prediction_id, Prediction.status == "processing", Prediction.lease_owner == owner)
 
 
-async def set_provider_job(
-    session: AsyncSession, *, prediction_id: str, owner: str, backend: str, ref: dict[str, Any] | None
+def set_provider_job(
+    conn: Connection, *, prediction_id: str, owner: str, backend: str, ref: dict[str, Any] | None
 ) -> bool:
     """Record which backend runs the job and the provider's job reference; False if the lease was lost."""
-    result = await session.execute(
+    result = conn.execute(
         update(Prediction)
         .where(_held(prediction_id, owner))
         .values(provider_backend=backend, provider_ref=ref, backend=backend)

@@ -1,0 +1,147 @@
+"""The backends' HTTP transport (httpx's API, aiohttp's sending), over real sockets: what callers rely on is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.backends.transport import AiohttpTransport
+from tests.fakes.server import ServerThread, free_port
+
+
+def _app() -> Starlette:
+    async def echo(request: Request) -> JSONResponse:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type", "x-custom")}
+        return JSONResponse(
+            {"method": request.method, "body": body.decode(), "headers": headers, "query": str(request.query_params)},
+            status_code=201,
+            headers={"X-Answer": "yes"},
+        )
+
+    async def gzipped(_: Request) -> Response:
+        return Response(gzip.compress(b"x" * 100_000), headers={"Content-Encoding": "gzip"}, media_type="text/plain")
+
+    async def moved(_: Request) -> RedirectResponse:
+        return RedirectResponse("/echo", status_code=302)
+
+    async def slow(_: Request) -> JSONResponse:
+        await asyncio.sleep(2)
+        return JSONResponse({})
+
+    async def chunks(_: Request) -> StreamingResponse:
+        async def parts() -> Any:
+            for i in range(5):
+                yield f"part{i};".encode()
+
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    return Starlette(
+        routes=[
+            Route("/echo", echo, methods=["GET", "POST", "PUT", "DELETE"]),
+            Route("/gzip", gzipped),
+            Route("/moved", moved),
+            Route("/slow", slow),
+            Route("/chunks", chunks),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    srv = ServerThread(_app()).start()
+    yield srv
+    srv.stop()
+
+
+def _client(**kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=AiohttpTransport(max_connections=8), **kwargs)
+
+
+def test_requests_and_answers_arrive_whole(server: ServerThread) -> None:
+    async def main() -> None:
+        async with _client(headers={"Authorization": "Bearer t0ken"}) as client:
+            resp = await client.post(
+                f"{server.url}/echo", params={"a": "1"}, json={"prompt": "é fox"}, headers={"X-Custom": "v"}
+            )
+            assert resp.status_code == 201 and resp.headers["x-answer"] == "yes"
+            body = resp.json()
+            assert body["method"] == "POST" and body["query"] == "a=1"
+            assert json.loads(body["body"]) == {"prompt": "é fox"}
+            assert body["headers"] == {
+                "authorization": "Bearer t0ken",
+                "content-type": "application/json",
+                "x-custom": "v",
+            }
+            for method in ("GET", "PUT", "DELETE"):  # one pooled connection after another, bodies or none
+                again = await client.request(method, f"{server.url}/echo", content=b"raw" if method == "PUT" else None)
+                assert again.status_code == 201 and again.json()["method"] == method
+                assert again.json()["body"] == ("raw" if method == "PUT" else "")
+            streamed = await client.get(f"{server.url}/chunks")
+            assert streamed.text == "part0;part1;part2;part3;part4;"
+
+    asyncio.run(main())
+
+
+def test_bodies_are_decoded_by_httpx_and_redirects_are_not_followed(server: ServerThread) -> None:
+    async def main() -> None:
+        async with _client() as client:
+            resp = await client.get(f"{server.url}/gzip")
+            assert resp.content == b"x" * 100_000  # httpx decoded it
+            async with client.stream("GET", f"{server.url}/gzip") as streamed:  # and callers can cap decoded bytes
+                raw = b"".join([chunk async for chunk in streamed.aiter_raw()])
+            assert gzip.decompress(raw) == b"x" * 100_000
+            moved = await client.get(f"{server.url}/moved")
+            assert moved.status_code == 302 and moved.headers["location"] == "/echo"
+
+    asyncio.run(main())
+
+
+def test_failures_are_httpx_exceptions(server: ServerThread) -> None:
+    # A port nobody listens on; a server that accepts and hangs up without answering.
+    closed = free_port()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    hangs_up = listener.getsockname()[1]
+
+    def accept_and_close() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+
+    async def main() -> None:
+        async with _client() as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://127.0.0.1:{closed}/")
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(f"http://127.0.0.1:{hangs_up}/")
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(f"{server.url}/slow", timeout=httpx.Timeout(5, read=0.3))
+            # A TLS server name is something this transport cannot set: refused, not silently dropped.
+            with pytest.raises(httpx.UnsupportedProtocol):
+                await client.get(f"{server.url}/echo", extensions={"sni_hostname": "example.com"})
+            assert (await client.get(f"{server.url}/echo")).status_code == 201  # still usable after all that
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
