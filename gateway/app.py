@@ -200,7 +200,10 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         )
         outbound = NetworkPolicy(settings.webhook_allowed_networks)
         limits = RateLimits(_secret(settings.redis_url))
-        sender = WebhookSender(sessions=sessions, client=client, policy=outbound, owner=jobs.owner)
+        # Webhooks have a client of their own, on httpx's transport: posts go to a checked IP with the TLS server
+        # name set (sni_hostname), which the backends' aiohttp transport cannot do.
+        hooks_client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+        sender = WebhookSender(sessions=sessions, client=hooks_client, policy=outbound, owner=jobs.owner)
         # A key of its own for the console's CSRF tokens: an HMAC of the shared URL-signing key, so a token can
         # never double as a file signature, and every replica computes the same one.
         console_key = hmac.new(signing_key, b"hdg-console-csrf", hashlib.sha256).digest()
@@ -240,6 +243,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
                 for backend in active:
                     await backend.aclose()
             await client.aclose()
+            await hooks_client.aclose()
             await limits.aclose()
             await file_store.aclose()
             await engine.dispose()

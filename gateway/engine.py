@@ -160,7 +160,7 @@ class Engine:
             webhook=spec.webhook,
             webhook_events=spec.webhook_events,
         )
-        expired = False
+        expired: datetime | None = None
         if idempotency is not None:
             async with self.sessions() as session:
                 earlier, expired = await self._earlier(session, principal, idempotency)
@@ -184,8 +184,8 @@ class Engine:
             queue.insert_job(conn, p)
             if idempotency is not None:
                 key, fingerprint = idempotency
-                if expired:  # the key may be used again: its old row goes (unless it was replaced meanwhile)
-                    queue.drop_idempotency(conn, tenant_id=p.tenant_id, key=key, before=now - IDEMPOTENCY_TTL)
+                if expired is not None:  # the key may be used again: its old row goes (unless replaced meanwhile)
+                    queue.drop_idempotency(conn, tenant_id=p.tenant_id, key=key, before=expired)
                 # A concurrent duplicate fails here, on the key's primary key.
                 conn.execute(
                     insert(IDEMPOTENCY_KEYS),
@@ -195,8 +195,14 @@ class Engine:
             if start is not None:
                 webhooks.enqueue(conn, prediction=p, event="start", payload=start)
 
+        recorded = asyncio.ensure_future(transact(self.sessions, record))
         try:
-            await transact(self.sessions, record)
+            # Shielded: a transaction that has started finishes (SQLite's writer thread cannot be stopped half-way),
+            # and a job it committed holding this process's lease must then run here, not wait out the lease.
+            await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            recorded.add_done_callback(lambda done: self._adopt(done, p, direct))
+            raise
         except (IntegrityError, BudgetExceeded, ConcurrencyLimited):
             # A concurrent request with the same key may have committed first: this one then failed on the key's
             # primary key, or was refused by the hold the other one took (its own job), and is a replay of it.
@@ -217,21 +223,39 @@ class Engine:
             self._wake.set()
         return Submitted(p, replayed=False)
 
+    def _adopt(self, recorded: asyncio.Future[None], p: Prediction, direct: bool) -> None:
+        """A job whose submit was cancelled while its transaction ran: if that committed, run it as any other."""
+        if recorded.cancelled() or recorded.exception() is not None:
+            return  # rolled back: nothing was recorded
+        self._wake_sender(p.id)
+        if direct and not self._stopping:
+            self._spawn(p)
+        elif direct:  # shutting down: let another replica take it at once
+            release = asyncio.get_running_loop().create_task(self._release(p.id))
+            self._background.add(release)
+            release.add_done_callback(self._background.discard)
+        else:
+            self._backlog = True
+            self._wake.set()
+
     async def _earlier(
         self, session: AsyncSession, principal: Principal, idempotency: tuple[str, str]
-    ) -> tuple[Prediction | None, bool]:
-        """(The job an earlier request with this key made, whether the key's row has expired); reads only."""
+    ) -> tuple[Prediction | None, datetime | None]:
+        """(The job an earlier request with this key made, or None; the cutoff its row was judged expired by, or
+        None). Reads only: an expired row is deleted by the transaction that takes the key again, by that cutoff.
+        """
         key, fingerprint = idempotency
         row = await queue.find_idempotency(session, tenant_id=principal.tenant.id, key=key)
         if row is None:
-            return None, False
-        if row.created_at < utcnow() - IDEMPOTENCY_TTL:  # expired: the key may be used again
-            return None, True
+            return None, None
+        cutoff = utcnow() - IDEMPOTENCY_TTL
+        if row.created_at < cutoff:  # expired: the key may be used again
+            return None, cutoff
         if row.fingerprint != fingerprint:
             raise IdempotencyConflict(
                 "This Idempotency-Key was already used with a different request body; use a new key."
             )
-        return await queue.load(session, prediction_id=row.prediction_id), False
+        return await queue.load(session, prediction_id=row.prediction_id), None
 
     async def wait(self, prediction_id: str, *, timeout: float) -> Finished:
         """The job once it is terminal, or as it stands after ``timeout`` seconds."""
@@ -304,6 +328,7 @@ class Engine:
             self.webhook_wake.set()
 
     def _forget(self, prediction_id: str) -> None:
+        self.runner.settling.discard(prediction_id)
         if self.runner.metrics is not None:
             self.runner.metrics.job_ended()
         self._wake_sender(prediction_id)
@@ -403,13 +428,10 @@ class Engine:
             return
         async with writing(self.sessions) as session:
             held = await queue.renew_leases(session, owner=self.owner, ids=running, lease_seconds=self.lease_seconds)
-        # Not renewed: another runner took the job over, or its own task settled it between the list above and the
-        # renewal (and is finishing now). Only the first is a lost lease.
+        # Not renewed: another runner took the job over (and may have finished it), or its own task settled it since
+        # the list above was made (and is finishing now). Only the first is a lost lease.
         unrenewed = [pid for pid in running if pid not in held and self._spawned.get(pid, began) < began]
-        ended: set[str] = set()
-        if unrenewed:
-            async with self.sessions() as session:
-                ended = await queue.settled(session, ids=unrenewed)
+        ended = self.runner.settling
         for pid, task in list(self._tasks.items()):
             if task.done() or task.cancelling() or pid in self._why:
                 continue  # already ending; cancelling it again would interrupt its clean-up

@@ -235,6 +235,9 @@ class JobRunner:
         self.attempt_timeout = attempt_timeout
         self.on_settle = on_settle
         self.on_log = on_log
+        # Jobs this process's runners are settling or have settled, until their tasks end: their leases are gone
+        # from the rows by design, and the heartbeat must not take that for another runner's claim.
+        self.settling: set[str] = set()
         self.metrics = metrics
 
     @asynccontextmanager
@@ -717,6 +720,8 @@ class JobRunner:
                     webhooks.enqueue(conn, prediction=p, event=event, payload=body)
                 return won
 
+            if owner is not None:
+                self.settling.add(p.id)
             if gated:
                 async with self._db:
                     won = await transact(self.sessions, settle)
@@ -724,6 +729,7 @@ class JobRunner:
                 won = await transact(self.sessions, settle)
         finally:
             if not won:  # rolled back, or not ours to settle: so is the object, so a retry writes the same row
+                self.settling.discard(p.id)
                 for key, value in before.items():
                     setattr(p, key, value)
         return won

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 from sqlalchemy import func, select, update
 
 from gateway.backends.base import ImageJob, ImageResult
+from gateway.engine import Engine
 from gateway.health import HealthBoard
 from gateway.jobs import JobRunner
 from gateway.settings import default_backend_costs
 from gateway.storage import queue, repo
 from gateway.storage.db import open_database, session_factory
-from gateway.storage.files import LocalFileStore
+from gateway.storage.files import LocalFileStore, UrlSigner
 from gateway.storage.models import Prediction, StoredFile, UsageEvent
 from tests.held_job import insert_held_job
 
@@ -131,6 +134,52 @@ def test_a_runner_that_lost_its_lease_writes_nothing(sqlite_url: str, tmp_path: 
                 assert await session.scalar(select(func.count()).select_from(UsageEvent)) == 0
                 assert await session.scalar(select(func.count()).select_from(StoredFile)) == 0
         finally:
+            await engine_cm.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
+
+
+def test_the_heartbeat_stops_a_job_taken_over_but_not_one_that_just_settled(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job missing from the renewal was either settled by its own task a moment ago (left alone) or taken over by
+    another runner, which may have finished it already (cancelled as lost, so it writes nothing more)."""
+
+    async def scenario() -> None:
+        engine_cm, runner, backend, p = await _setup(database_url, tmp_path)
+        jobs = Engine(sessions=runner.sessions, runner=runner, signer=UrlSigner(b"k" * 32, ttl_seconds=60), timeout=60)
+        jobs.owner = "run_me"  # insert_held_job's lease owner
+        try:
+            jobs._spawn(p)
+            task = jobs._tasks[p.id]
+            await backend.started.wait()
+            jobs._spawned[p.id] -= 60  # running since before this heartbeat began
+
+            async def set_row(**values: Any) -> None:
+                async with runner.sessions.begin() as session:
+                    await session.execute(update(Prediction).where(Prediction.id == p.id).values(**values))
+
+            # Its own settle landed between the list of running jobs and the renewal: still finishing, not lost.
+            runner.settling.add(p.id)
+            await set_row(status="succeeded", lease_owner=None)
+            await jobs.heartbeat()
+            assert not task.cancelling() and p.id not in jobs._why
+            assert "lost the lease" not in caplog.text
+
+            # Another runner took it over and finished it: this task is stopped (its caller reads the row), and
+            # the log says so.
+            runner.settling.discard(p.id)
+            with caplog.at_level(logging.WARNING, logger="hidream_gateway.engine"):
+                await jobs.heartbeat()
+            assert jobs._why.get(p.id) == "lost" and f"lost the lease on {p.id}" in caplog.text
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with runner.sessions() as session:
+                row = await queue.load(session, prediction_id=p.id)
+                assert row is not None and row.status == "succeeded"  # as the other runner left it
+                assert await session.scalar(select(func.count()).select_from(UsageEvent)) == 0
+        finally:
+            backend.finish.set()
             await engine_cm.__aexit__(None, None, None)
 
     asyncio.run(scenario())

@@ -5,12 +5,14 @@ Measured on the development machine (bench/http_clients.py): a small JSON POST t
 against under 200 µs, since httpx's pool does work per waiting request. The gateway makes one to three such calls
 per image, so the transport was most of its CPU.
 
-What the rest of the gateway relies on is kept: httpx's timeouts (connect, read, and pool: the wait for a free
-connection), its exceptions (ConnectError, ConnectTimeout, ReadTimeout, RemoteProtocolError, ReadError), bodies
-that are streamed and decoded by httpx (aiohttp passes them through undecoded, so a size cap counts decoded bytes),
-no redirects and no cookies of its own. Only plain HTTP/1.1 requests to ordinary URLs come here; a request that
-names a TLS server name (``sni_hostname``) is refused, as this transport cannot honour it (the webhook sender, which
-does, uses httpx's own transport).
+What the rest of the gateway relies on is kept: httpx's connect and read timeouts, its exceptions (ConnectError,
+ConnectTimeout, ReadTimeout, RemoteProtocolError, ReadError), bodies that are streamed and decoded by httpx (aiohttp
+passes them through undecoded, so a size cap counts decoded bytes), URLs sent exactly as httpx encoded them, no
+redirects and no cookies of its own, and the HTTP(S)_PROXY and NO_PROXY variables. Two differences: the wait for a
+free connection (at most ``max_connections``) has no timeout of its own (each caller's deadline bounds it, so a
+full pool is never blamed on the provider as an unreachable host), and httpx's write timeout is not applied. A
+request that names a TLS server name (``sni_hostname``) is refused, as this transport cannot set one: the webhook
+sender, which needs it, has a client on httpx's own transport.
 
 Example::
 
@@ -25,8 +27,10 @@ from typing import NoReturn
 
 import aiohttp
 import httpx
+import yarl
 
 CHUNK = 64 << 10
+MAX_HEADER_BYTES = 64 << 10  # a header line or field (aiohttp's default, 8 KB, is below what httpx accepts)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -78,30 +82,37 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int = 256) -> None:
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:  # one session per event loop
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=10),
                 auto_decompress=False,  # httpx decodes (and callers cap what it decodes)
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),  # httpx sets its own
+                trust_env=True,  # proxies from the environment, as httpx's own transport honours them
+                max_line_size=MAX_HEADER_BYTES,
+                max_field_size=MAX_HEADER_BYTES,
             )
+            self._loop = loop
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if "sni_hostname" in request.extensions:
             raise httpx.UnsupportedProtocol("This transport cannot set a TLS server name.", request=request)
         spans = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=spans.get("pool"), sock_connect=spans.get("connect"), sock_read=spans.get("read")
-        )
-        body = await request.aread()
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=spans.get("connect"), sock_read=spans.get("read"))
+        body = await request.aread()  # sent whole, with its Content-Length: never chunked
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        headers = [(k, v) for k, v in raw if k.lower() != "transfer-encoding"]
+        if body and not any(k.lower() == "content-length" for k, _ in headers):
+            headers.append(("Content-Length", str(len(body))))
         try:
             response = await self._client().request(
                 request.method,
-                str(request.url),
+                yarl.URL(str(request.url), encoded=True),  # as httpx encoded it (a signed URL must not change)
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,

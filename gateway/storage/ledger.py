@@ -133,11 +133,10 @@ def _reserve_month(
     reserve = _guarded_reserve(table, owners, owner)
     if _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1:
         return True
-    # Nothing was updated: the budget refused, or the month has no row yet (its first job). Only in the second case
-    # does the insert add one, and then the guard is asked again. (Holds of one owner are serialised: by the lock
-    # above on PostgreSQL, by the database's single writer on SQLite; so the row cannot appear in between.)
-    if _rowcount(conn.execute(_open_month(table, owner, dialect), params)) != 1:
-        return False
+    # Nothing was updated: the budget refused, or the month has no row yet (its first job). Make sure it has one and
+    # ask the guard again. Again even when the insert found the row there: a settle crossing into the new month may
+    # have created it since the update (settles do not take the hold lock), and the hold must then be judged on it.
+    conn.execute(_open_month(table, owner, dialect), params)
     return _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1
 
 

@@ -123,12 +123,6 @@ async def renew_leases(
     return held
 
 
-async def settled(session: AsyncSession, *, ids: Sequence[str]) -> set[str]:
-    """Those of ``ids`` whose jobs have ended (succeeded, failed or canceled)."""
-    stmt = select(Prediction.id).where(Prediction.id.in_(ids), Prediction.status.in_(TERMINAL))
-    return set((await session.scalars(stmt)).all())
-
-
 def _held(prediction_id: str, owner: str) -> Any:
     return and_(Prediction.id == prediction_id, Prediction.status == "processing", Prediction.lease_owner == owner)
 

@@ -8,12 +8,13 @@ transaction and commits it.
   thread per transaction, where the async driver takes three per statement: a statement costs about 15 µs there
   against about 250 µs through the async session, and the transactions no longer contend for SQLite's one writer
   lock among themselves.
-- PostgreSQL (or SQLite in memory): on a pooled connection of the async engine (``run_sync``); each statement is
-  still one round trip.
+- PostgreSQL: on a pooled connection of the async engine (``run_sync``); each statement is still one round trip.
+  (An in-memory SQLite database, which the gateway never uses, goes this way too; its one shared connection does
+  not keep concurrent transactions apart.)
 
 Either way the work commits or rolls back as a whole, and what it raises reaches the caller. A caller cancelled
 while the SQLite thread runs its transaction does not stop it: it commits or rolls back on its own, as if the
-caller had crashed a moment after sending it.
+caller had crashed a moment after sending it (Engine.submit shields it and runs a job that committed).
 
 Example::
 
