@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.errors import AuthenticationFailed, PermissionDenied, TenantExists
 from gateway.storage import repo
@@ -72,7 +72,7 @@ class ApiKeyAuthenticator:
     through this process's admin API clear the cache at once; changes made elsewhere (another replica, the
     CLI) take effect within ``cache_seconds``.
 
-    Example: ``principal = await ApiKeyAuthenticator(cache_seconds=5).authenticate(session, "Bearer hdg_...")``.
+    Example: ``principal = await ApiKeyAuthenticator(cache_seconds=5).authenticate(sessions, "Bearer hdg_...")``.
     """
 
     def __init__(self, *, cache_seconds: float = 0.0, max_entries: int = 10_000) -> None:
@@ -84,13 +84,15 @@ class ApiKeyAuthenticator:
         """Forget every cached key (after a key, tenant or limit changes)."""
         self._cache.clear()
 
-    async def authenticate(self, session: AsyncSession, authorization: str | None) -> Principal:
+    async def authenticate(self, sessions: async_sessionmaker[AsyncSession], authorization: str | None) -> Principal:
+        """The caller's Principal: from the cache, else read (a session is opened only then)."""
         token = bearer_token(authorization)
         digest = hash_key(token)
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        principal = await lookup_key(session, digest)
+        async with sessions() as session:
+            principal = await lookup_key(session, digest)
         if self.cache_seconds > 0:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()  # crude but bounded; a full cache only costs one lookup per key

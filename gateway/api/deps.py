@@ -29,8 +29,7 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 async def get_principal(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    async with state.sessions() as session:
-        return await state.authenticator.authenticate(session, authorization)
+    return await state.authenticator.authenticate(state.sessions, authorization)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
