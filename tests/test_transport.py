@@ -24,7 +24,8 @@ from tests.fakes.server import ServerThread, free_port
 def _app() -> Starlette:
     async def echo(request: Request) -> JSONResponse:
         body = await request.body()
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type", "x-custom")}
+        kept = ("authorization", "content-type", "x-custom", "host")
+        headers = {k: v for k, v in request.headers.items() if k in kept}
         return JSONResponse(
             {"method": request.method, "body": body.decode(), "headers": headers, "query": str(request.query_params)},
             status_code=201,
@@ -84,6 +85,7 @@ def test_requests_and_answers_arrive_whole(server: ServerThread) -> None:
                 "authorization": "Bearer t0ken",
                 "content-type": "application/json",
                 "x-custom": "v",
+                "host": server.url.removeprefix("http://"),  # sent once, as httpx set it
             }
             for method in ("GET", "PUT", "DELETE"):  # one pooled connection after another, bodies or none
                 again = await client.request(method, f"{server.url}/echo", content=b"raw" if method == "PUT" else None)
@@ -145,3 +147,20 @@ def test_failures_are_httpx_exceptions(server: ServerThread) -> None:
         asyncio.run(main())
     finally:
         listener.close()
+
+
+def test_environment_proxies_are_honoured_as_httpx_honours_them(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test server plays the proxy: a proxied request reaches it with the target's name as Host.
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    monkeypatch.setenv("NO_PROXY", "direct.invalid")
+
+    async def main() -> None:
+        async with _client() as client:
+            proxied = await client.get("http://origin.invalid/echo")
+            assert proxied.status_code == 201 and proxied.json()["headers"]["host"] == "origin.invalid"
+            with pytest.raises(httpx.ConnectError):  # exempt: sent straight to a name that does not resolve
+                await client.get("http://direct.invalid/echo")
+
+    asyncio.run(main())

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -83,6 +84,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Read once, as httpx reads them when a client is made (aiohttp's trust_env would read ~/.netrc per request).
+        self._proxies = urllib.request.getproxies()
+        self._bypass: dict[str, bool] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -92,12 +96,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,  # httpx decodes (and callers cap what it decodes)
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),  # httpx sets its own
-                trust_env=True,  # proxies from the environment, as httpx's own transport honours them
                 max_line_size=MAX_HEADER_BYTES,
                 max_field_size=MAX_HEADER_BYTES,
             )
             self._loop = loop
         return self._session
+
+    def _proxy(self, url: httpx.URL) -> str | None:
+        """The environment's proxy for ``url`` (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), unless NO_PROXY exempts it."""
+        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+        if proxy is None:
+            return None
+        host = url.host
+        if host not in self._bypass:
+            if len(self._bypass) > 1000:
+                self._bypass.clear()
+            self._bypass[host] = bool(urllib.request.proxy_bypass(host))
+        return None if self._bypass[host] else proxy
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if "sni_hostname" in request.extensions:
@@ -118,6 +133,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 timeout=timeout,
                 compress=None,
+                proxy=self._proxy(request.url),
             )
         except Exception as exc:
             _reraise(exc, request)

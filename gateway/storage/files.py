@@ -117,18 +117,27 @@ class LocalFileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._real_root = root.resolve()
+        self._made: set[Path] = set()  # tenant directories known to exist (each write would stat them otherwise)
 
     def _resolve(self, path: str) -> Path:
         resolved = (self.root / path).resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
+        if not resolved.is_relative_to(self._real_root):
             raise ValueError("path escapes the file store")
         return resolved
 
     def _write(self, path: str, data: bytes) -> SavedFile:
         dest = self._resolve(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent not in self._made:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(dest.parent)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        try:
+            fh = open(tmp, "wb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:  # its directory was removed since: make it again
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(tmp, "wb")  # noqa: SIM115
+        with fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
