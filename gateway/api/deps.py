@@ -12,7 +12,9 @@ from gateway.auth import Principal, check_admin_token
 from gateway.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async, though it awaits nothing: FastAPI runs a plain function dependency in a worker thread, a hand-off
+    # per request for an attribute read.
     state: AppState = request.app.state.hdg
     return state
 
