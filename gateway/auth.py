@@ -79,9 +79,11 @@ class ApiKeyAuthenticator:
         self.cache_seconds = cache_seconds
         self.max_entries = max_entries
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._generation = 0  # bumped by clear(): a lookup that began before a change is not cached after it
 
     def clear(self) -> None:
         """Forget every cached key (after a key, tenant or limit changes)."""
+        self._generation += 1
         self._cache.clear()
 
     async def authenticate(self, sessions: async_sessionmaker[AsyncSession], authorization: str | None) -> Principal:
@@ -91,8 +93,11 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        generation = self._generation
         async with sessions() as session:
             principal = await lookup_key(session, digest)
+        if generation != self._generation:  # changed while it was read: serve it this once, do not keep it
+            return principal
         if self.cache_seconds > 0:
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()  # crude but bounded; a full cache only costs one lookup per key

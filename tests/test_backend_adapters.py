@@ -195,6 +195,21 @@ def test_broken_answers_become_backend_failures() -> None:
         normalise([b"\x89PNG garbage"], "png", 90, "fal")
 
 
+def test_a_png_kept_as_it_is_is_checked_whole() -> None:
+    """A PNG passed through is verified (every chunk's checksum, up to its end) rather than decoded: a cut or
+    damaged one is still refused, and an intact one is kept byte for byte with its size."""
+    png = make_image(1024, 1024, "png")
+    kept = normalise([png], "png", 90, "replicate")
+    assert kept.images == [png] and (kept.width, kept.height) == (1024, 1024)
+    idat = png.index(b"IDAT")
+    damaged = png[: idat + 10] + bytes([png[idat + 10] ^ 0xFF]) + png[idat + 11 :]
+    for broken in (png[: len(png) // 2], png[:-12], damaged):  # cut in its data, its end missing, a flipped byte
+        with pytest.raises(BackendFailed, match="usable image"):
+            normalise([broken], "png", 90, "replicate")
+    jpeg = normalise([png], "jpeg", 90, "replicate").images[0]  # another format is decoded and encoded as before
+    assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
+
+
 # --- Provider jobs that survive a restart: submit, commit the reference, collect from another backend object ---
 
 REPLICATE_MODELS = {"fast": "prunaai/hidream-l1-fast"}

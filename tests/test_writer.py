@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, event, text
 
-from gateway.storage.db import open_database, session_factory
-from gateway.storage.writer import _WRITERS, transact
+from gateway.storage.db import create_engine, open_database, session_factory
+from gateway.storage.writer import _WRITERS, SqliteWriter, transact
 
 
 class Refused(Exception):
@@ -94,5 +95,54 @@ def test_a_cancelled_caller_does_not_stop_a_sqlite_commit_it_started(sqlite_url:
             # The next piece of work runs after it: by then the cancelled caller's insert has committed.
             count = await transact(sessions, lambda conn: conn.execute(text("SELECT count(*) FROM t_cancel")).scalar())
             assert count == 1
+
+    asyncio.run(main())
+
+
+class Escaped(BaseException):
+    """Raised by a piece of work: no Exception, so nothing on its way catches it."""
+
+
+def test_a_group_that_sqlite_rolled_back_whole_fails_whole_and_the_writer_goes_on(tmp_path: Path) -> None:
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/w.db")
+        writer = SqliteWriter(engine)
+        try:
+            await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB)"))
+            pages = await writer.run(lambda c: c.exec_driver_sql("PRAGMA page_count").scalar())
+
+            async def group(*pieces: Callable[[Connection], object]) -> list[object]:
+                gate = threading.Event()
+                first = asyncio.ensure_future(writer.run(lambda _c: gate.wait(10)))  # the others queue behind it
+                await asyncio.sleep(0.2)
+                outcomes = asyncio.gather(*(writer.run(p) for p in pieces), return_exceptions=True)
+                await asyncio.sleep(0.2)
+                gate.set()
+                await first
+                return list(await outcomes)
+
+            def row(n: int) -> Callable[[Connection], object]:
+                return lambda c: c.execute(text("INSERT INTO t (n) VALUES (:n)"), {"n": n}).rowcount
+
+            def too_big(c: Connection) -> None:  # the disk is full: SQLite rolls the whole transaction back
+                c.exec_driver_sql(f"PRAGMA max_page_count={pages + 3}")
+                c.execute(text("INSERT INTO t (n, pad) VALUES (1000, zeroblob(200000))"))
+
+            outcomes = await group(row(1), too_big, row(2), row(3))
+            assert all(isinstance(o, Exception) for o in outcomes), outcomes  # none is told it committed
+            landed = await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all())
+            assert landed == []
+
+            def escapes(_c: Connection) -> None:
+                raise Escaped
+
+            outcomes = await group(row(4), escapes, row(5))
+            assert all(isinstance(o, Exception) for o in outcomes), outcomes
+            assert await writer.run(row(6)) == 1  # and the writer still takes work
+            landed = await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all())
+            assert landed == [6]
+        finally:
+            writer.close()
+            await engine.dispose()
 
     asyncio.run(main())

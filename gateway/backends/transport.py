@@ -62,6 +62,8 @@ def _reraise(exc: Exception, request: httpx.Request) -> NoReturn:
 
 def _translated(exc: Exception, request: httpx.Request) -> Exception:
     message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # its text names the proxy URL, credentials and all
+        return httpx.ProxyError(f"The proxy refused the request ({exc.status}).", request=request)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(message, request=request)
     if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
@@ -107,6 +109,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
         if proxy is None:
             return None
+        if not proxy.startswith(("http://", "https://")):  # e.g. socks5://: this transport speaks HTTP proxies only
+            raise httpx.ProxyError("Only HTTP proxies are supported (the environment names another kind).")
         host = url.host
         if host not in self._bypass:
             if len(self._bypass) > 1000:

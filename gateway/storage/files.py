@@ -123,7 +123,9 @@ class LocalFileStore:
     def _resolve(self, path: str) -> Path:
         resolved = (self.root / path).resolve()
         if not resolved.is_relative_to(self._real_root):
-            raise ValueError("path escapes the file store")
+            self._real_root = self.root.resolve()  # the root itself may have moved (a symlink repointed since)
+            if not resolved.is_relative_to(self._real_root):
+                raise ValueError("path escapes the file store")
         return resolved
 
     def _write(self, path: str, data: bytes) -> SavedFile:

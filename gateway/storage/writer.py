@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.storage.db import sqlite_pragmas
 
 T = TypeVar("T")
+log = logging.getLogger("hidream_gateway.storage")
 
 
 class SqliteWriter:
@@ -50,7 +52,10 @@ class SqliteWriter:
     Work that arrives while a commit is in progress waits for it, then all of it goes in the next transaction
     (group commit): one BEGIN and one COMMIT for the group, each piece of work inside its own SAVEPOINT, so one that
     raises is rolled back alone and the others commit. If the COMMIT itself fails, every piece in the group gets
-    that error (as with any commit that errors, the caller cannot know more).
+    that error (as with any commit that errors, the caller cannot know more), and so does every piece when SQLite
+    rolled the whole transaction back on its own (a full disk, an I/O error).
+
+    Work is committed once it is queued, even if its caller is cancelled before the group runs.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -86,7 +91,12 @@ class SqliteWriter:
                 if not group:
                     self._draining = False
                     return
-            outcomes = self._commit(group)
+            try:
+                outcomes = self._commit(group)
+            except BaseException as exc:  # a piece raised what is no Exception: the group fails, the writer goes on
+                log.exception("the SQLite writer failed a group of %d", len(group))
+                error = exc if isinstance(exc, Exception) else RuntimeError(f"{type(exc).__name__} in the writer")
+                outcomes = [(False, error)] * len(group)
             for item, outcome in zip(group, outcomes, strict=True):
                 item.deliver(outcome)
 
@@ -100,9 +110,15 @@ class SqliteWriter:
                     for item in group:
                         try:
                             with conn.begin_nested():
-                                outcomes.append((True, item.work(conn)))
+                                value = item.work(conn)
                         except Exception as exc:
+                            if not _in_transaction(conn):
+                                # SQLite rolled the whole transaction back itself (a full disk, an I/O error): the
+                                # pieces before this one are gone too, so the group fails as a whole.
+                                raise
                             outcomes.append((False, exc))
+                        else:
+                            outcomes.append((True, value))
         except Exception as exc:  # BEGIN or COMMIT failed, or the one piece raised: none of it is known to have landed
             return [(False, exc)] * len(group)
         return outcomes
@@ -110,6 +126,11 @@ class SqliteWriter:
     def close(self) -> None:
         self._thread.shutdown(wait=True)
         self.engine.dispose()
+
+
+def _in_transaction(conn: Connection) -> bool:
+    dbapi = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "in_transaction", False))
 
 
 @dataclass
