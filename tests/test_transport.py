@@ -164,3 +164,19 @@ def test_environment_proxies_are_honoured_as_httpx_honours_them(
                 await client.get("http://direct.invalid/echo")
 
     asyncio.run(main())
+
+
+def test_a_proxy_this_transport_cannot_speak_fails_the_call_instead_of_being_skipped(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://user:s3cret@127.0.0.1:1080")
+
+    async def main() -> None:
+        async with _client() as client:
+            with pytest.raises(httpx.ProxyError) as refused:  # never sent around the proxy the operator set
+                await client.get(f"{server.url}/echo")
+            assert "s3cret" not in str(refused.value)
+
+    asyncio.run(main())
