@@ -215,25 +215,21 @@ class Engine:
             return Submitted(earlier, replayed=True)
         if start is not None:
             self._hooked.add(p.id)
-        self._wake_sender(p.id)
-        if direct:
-            self._spawn(p)
-        else:
-            self._backlog = True
-            self._wake.set()
+        self._start(p, direct)
         return Submitted(p, replayed=False)
 
     def _adopt(self, recorded: asyncio.Future[None], p: Prediction, direct: bool) -> None:
-        """A job whose submit was cancelled while its transaction ran: if that committed, run it as any other."""
-        if recorded.cancelled() or recorded.exception() is not None:
-            return  # rolled back: nothing was recorded
+        """A job whose submit was cancelled while its transaction ran: if that committed, start it as any other."""
+        if not recorded.cancelled() and recorded.exception() is None:
+            self._start(p, direct)
+
+    def _start(self, p: Prediction, direct: bool) -> None:
+        """Start a job just committed: here if it holds this process's lease, else by waking the claim loop."""
         self._wake_sender(p.id)
         if direct and not self._stopping:
             self._spawn(p)
-        elif direct:  # shutting down: let another replica take it at once
-            release = asyncio.get_running_loop().create_task(self._release(p.id))
-            self._background.add(release)
-            release.add_done_callback(self._background.discard)
+        elif direct:  # shutting down since it was submitted: let another replica take it at once
+            self._release_soon(p.id)
         else:
             self._backlog = True
             self._wake.set()
@@ -337,9 +333,7 @@ class Engine:
             # It ended without settling (an error, a cancel mid-way): let a runner take it over now.
             if not task.cancelled() and task.exception() is not None:
                 log.error("job %s ended with an error", prediction_id, exc_info=task.exception())
-            release = asyncio.get_running_loop().create_task(self._release(prediction_id))
-            self._background.add(release)
-            release.add_done_callback(self._background.discard)
+            self._release_soon(prediction_id)
         self._tasks.pop(prediction_id, None)
         self._spawned.pop(prediction_id, None)
         self._why.pop(prediction_id, None)
@@ -352,6 +346,11 @@ class Engine:
             return False
         finished = task.result()
         return finished.deferred or finished.prediction.status in queue.TERMINAL
+
+    def _release_soon(self, prediction_id: str) -> None:
+        release = asyncio.get_running_loop().create_task(self._release(prediction_id))
+        self._background.add(release)  # kept, so it is not collected before it ends
+        release.add_done_callback(self._background.discard)
 
     async def _release(self, prediction_id: str) -> None:
         if prediction_id in self._tasks:  # claimed again here meanwhile: that task holds the lease now

@@ -7,6 +7,7 @@ job's lease, so a runner that lost its lease (it stalled and another replica too
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -722,10 +723,7 @@ class JobRunner:
 
             if owner is not None:
                 self.settling.add(p.id)
-            if gated:
-                async with self._db:
-                    won = await transact(self.sessions, settle)
-            else:
+            async with self._db if gated else contextlib.nullcontext():
                 won = await transact(self.sessions, settle)
         finally:
             if not won:  # rolled back, or not ours to settle: so is the object, so a retry writes the same row
