@@ -14,7 +14,9 @@ prediction record, image storage and the usage event all run). The request is on
 
 A keep-alive HTTP/1.1 client sends the same work straight to the upstream (for replicate: create, get, download)
 and through the gateway, at each concurrency, and prints p50/p99/max latency, the difference (what the gateway
-adds), requests/s, requests over 1 s and errors (answers other than 200, dropped connections).
+adds), requests/s, requests over 1 s, errors (answers other than 200, dropped connections) and the CPU the server's
+process spent per request (all its threads, from /proc; with ``--wrap-gateway`` it is the wrapper's). CPU per request
+is the steadier figure on a shared machine: requests/s moves with whatever else the cores are doing.
 
 ``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
 front of a fake OpenAI images endpoint, with the same client in the same run.
@@ -150,15 +152,34 @@ async def load(port: int, work: Work, total: int, concurrency: int) -> Result:
     return result
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds a process (all its threads) has used so far; None where /proc is absent."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, port: int, work: Work, total: int, concurrency: int) -> tuple[Result, float | None]:
+    """``load``, and the CPU milliseconds the server process ``pid`` spent per request meanwhile."""
+    before = cpu_seconds(pid)
+    result = asyncio.run(load(port, work, total, concurrency))
+    after = cpu_seconds(pid)
+    per = (after - before) * 1000 / len(result.latencies) if before is not None and after is not None else None
+    return result, per
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else values[0] * 1000
 
 
-def row(conc: int, name: str, r: Result) -> Result:
+def row(conc: int, name: str, r: Result, cpu: float | None = None) -> Result:
     slow = sum(1 for t in r.latencies if t > SLOW_S)
     print(
         f"{conc:>11}  {name:<10} {pct(r.latencies, 50):8.2f} {pct(r.latencies, 99):8.2f} "
-        f"{max(r.latencies) * 1000:8.1f} {len(r.latencies) / r.wall:7.0f} {slow:>6} {r.errors:>6}",
+        f"{max(r.latencies) * 1000:8.1f} {len(r.latencies) / r.wall:7.0f} {slow:>6} {r.errors:>6}"
+        + (f" {cpu:8.2f}" if cpu is not None else ""),
         flush=True,
     )
     if r.first_error:
@@ -365,16 +386,16 @@ def main() -> None:
                 f"backend: {args.backend}; database: {_redacted(args.database_url) or 'SQLite'}; "
                 f"{args.requests} requests per row"
             )
-            print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors")
+            print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors   CPU ms")
             for conc in levels:
                 d = row(conc, "upstream", asyncio.run(load(upstream.port, direct, args.requests, conc)))
-                g = row(conc, "gateway", asyncio.run(load(gw_port, through, args.requests, conc)))
+                g = row(conc, "gateway", *measured(gateway.pid, gw_port, through, args.requests, conc))
                 added(conc, "added", g, d)
                 if litellm is not None:
                     to_openai = post("/v1/images/generations", request, _bearer("sk-upstream"))
                     to_litellm = post("/v1/images/generations", request, _bearer(litellm[3]))
                     ld = row(conc, "openai-up", asyncio.run(load(litellm[1].port, to_openai, args.requests, conc)))
-                    lg = row(conc, "litellm", asyncio.run(load(litellm[2], to_litellm, args.requests, conc)))
+                    lg = row(conc, "litellm", *measured(litellm[0].pid, litellm[2], to_litellm, args.requests, conc))
                     added(conc, "ll-added", lg, ld)
         finally:
             if gateway is not None:

@@ -124,3 +124,12 @@ def test_timeout_fails_the_prediction_and_bills_nothing(make_gateway: GatewayFac
     [event] = usage["data"]
     assert event["status"] == "failed" and event["price_usd"] == "0.000000"
     assert usage["summary"]["price_usd"] == "0.000000"
+
+
+def test_the_schema_documents_the_create_body_and_headers(sqlite_gateway: Gateway) -> None:
+    # The route reads its body and headers itself (no FastAPI parameters): the schema must still say what it takes.
+    operation = sqlite_gateway.client.get("/openapi.json").json()["paths"]["/v1/images/generations"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["prompt"]
+    assert {"prompt", "model", "n", "size", "response_format", "seed"} <= set(schema["properties"])
+    assert {p["name"] for p in operation["parameters"] if p["in"] == "header"} == {"X-HDG-Route", "Idempotency-Key"}
