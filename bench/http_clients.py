@@ -6,7 +6,10 @@ Starts the worker upstream that answers at once (the same one bench/gateway_over
 and sends the worker's ``POST /generate`` (a small JSON body; the answer is a 64x64 PNG, base64 in JSON) with:
 
 - ``httpx``: httpx.AsyncClient with its own transport (httpcore), as the gateway did before;
-- ``httpx+aiohttp``: httpx.AsyncClient over gateway.backends.transport.AiohttpTransport, as the gateway does now;
+- ``httpx+aiohttp``: httpx.AsyncClient over gateway.backends.transport.AiohttpTransport (httpx's client layer, then
+  aiohttp), as the gateway's downloads go;
+- ``gateway``: gateway.backends.transport.AiohttpClient, whose plain calls skip httpx's client layer, as the gateway's
+  API calls to backends go;
 - ``aiohttp``: aiohttp alone, for the floor.
 
 Each reads the JSON answer. It prints, per client and concurrency, the wall time per call and this process's CPU
@@ -31,7 +34,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from bench.gateway_overhead import Upstream  # noqa: E402
-from gateway.backends.transport import AiohttpTransport  # noqa: E402
+from gateway.backends.transport import AiohttpClient, AiohttpTransport  # noqa: E402
 
 BODY = {"variant": "fast", "prompt": "a fox", "width": 1024, "height": 1024}
 
@@ -55,7 +58,7 @@ async def run(port: int, calls: int, levels: list[int]) -> None:
     url = f"http://127.0.0.1:{port}/generate"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {calls} calls")
     print("client          concurrency  wall us/call  cpu us/call")
-    for name in ("httpx", "httpx+aiohttp", "aiohttp"):
+    for name in ("httpx", "httpx+aiohttp", "gateway", "aiohttp"):
         for conc in levels:
             if name == "aiohttp":
                 async with aiohttp.ClientSession() as session:
@@ -65,6 +68,13 @@ async def run(port: int, calls: int, levels: list[int]) -> None:
                             await resp.json()
 
                     wall, cpu = await measure(bare, calls, conc)
+            elif name == "gateway":
+                async with AiohttpClient(timeout=httpx.Timeout(30.0, connect=5.0)) as ours:
+
+                    async def short(client: AiohttpClient = ours) -> None:
+                        (await client.request("POST", url, json=BODY)).json()
+
+                    wall, cpu = await measure(short, calls, conc)
             else:
                 transport = AiohttpTransport() if name == "httpx+aiohttp" else None
                 limits = httpx.Limits(max_connections=256)

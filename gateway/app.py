@@ -23,7 +23,7 @@ from gateway.backends.config import Misconfigured, misconfigured, variants_of
 from gateway.backends.fal import FalBackend
 from gateway.backends.local import LocalBackend
 from gateway.backends.replicate import ReplicateBackend
-from gateway.backends.transport import AiohttpTransport
+from gateway.backends.transport import AiohttpClient
 from gateway.backends.worker import WorkerBackend
 from gateway.console.pages import ConsoleHeadersMiddleware
 from gateway.console.sessions import FailedSignIns, admin_fingerprint
@@ -162,9 +162,7 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
         await upgrade(engine)
         owned = backends is None
         # One pooled HTTP client for every remote backend; timeouts are set per call.
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0, connect=5.0), transport=AiohttpTransport(max_connections=256)
-        )
+        client = AiohttpClient(max_connections=256, timeout=httpx.Timeout(30.0, connect=5.0))
         active = build_backends(settings, client, skip=problems) if backends is None else list(backends)
         health = HealthBoard(
             failure_threshold=settings.breaker_failures,

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.backends.transport import AiohttpTransport
+from gateway.backends.transport import AiohttpClient, AiohttpTransport
 from tests.fakes.server import ServerThread, free_port
 
 
@@ -31,6 +31,20 @@ def _app() -> Starlette:
             status_code=201,
             headers={"X-Answer": "yes"},
         )
+
+    async def seen(request: Request) -> JSONResponse:
+        # Everything that arrived: the raw target as sent, every header, the body.
+        scope = request.scope
+        target = (scope["raw_path"] + b"?" + scope["query_string"]).decode()
+        body = (await request.body()).decode()
+        return JSONResponse(
+            {"method": request.method, "target": target, "headers": dict(request.headers), "body": body}
+        )
+
+    async def cookie(request: Request) -> JSONResponse:
+        answer = JSONResponse({"cookie": request.headers.get("cookie")})
+        answer.set_cookie("session", "tenant-a")
+        return answer
 
     async def gzipped(_: Request) -> Response:
         return Response(gzip.compress(b"x" * 100_000), headers={"Content-Encoding": "gzip"}, media_type="text/plain")
@@ -52,6 +66,8 @@ def _app() -> Starlette:
     return Starlette(
         routes=[
             Route("/echo", echo, methods=["GET", "POST", "PUT", "DELETE"]),
+            Route("/seen", seen, methods=["GET", "POST", "PUT", "DELETE"]),
+            Route("/cookie", cookie),
             Route("/gzip", gzipped),
             Route("/moved", moved),
             Route("/slow", slow),
@@ -67,13 +83,22 @@ def server() -> Iterator[ServerThread]:
     srv.stop()
 
 
-def _client(**kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=AiohttpTransport(max_connections=8), **kwargs)
+# Each test runs on both: httpx's client over the transport, and the gateway's client, whose plain calls skip httpx's
+# client layer (AiohttpClient's short way). What callers rely on must hold on either.
+CLIENTS = {
+    "transport": lambda **kw: httpx.AsyncClient(transport=AiohttpTransport(max_connections=8), **kw),
+    "client": lambda **kw: AiohttpClient(max_connections=8, timeout=httpx.Timeout(5.0), **kw),
+}
 
 
-def test_requests_and_answers_arrive_whole(server: ServerThread) -> None:
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request: pytest.FixtureRequest) -> Any:
+    return CLIENTS[request.param]
+
+
+def test_requests_and_answers_arrive_whole(server: ServerThread, make_client: Any) -> None:
     async def main() -> None:
-        async with _client(headers={"Authorization": "Bearer t0ken"}) as client:
+        async with make_client(headers={"Authorization": "Bearer t0ken"}) as client:
             resp = await client.post(
                 f"{server.url}/echo", params={"a": "1"}, json={"prompt": "é fox"}, headers={"X-Custom": "v"}
             )
@@ -97,9 +122,9 @@ def test_requests_and_answers_arrive_whole(server: ServerThread) -> None:
     asyncio.run(main())
 
 
-def test_bodies_are_decoded_by_httpx_and_redirects_are_not_followed(server: ServerThread) -> None:
+def test_bodies_are_decoded_by_httpx_and_redirects_are_not_followed(server: ServerThread, make_client: Any) -> None:
     async def main() -> None:
-        async with _client() as client:
+        async with make_client() as client:
             resp = await client.get(f"{server.url}/gzip")
             assert resp.content == b"x" * 100_000  # httpx decoded it
             async with client.stream("GET", f"{server.url}/gzip") as streamed:  # and callers can cap decoded bytes
@@ -111,7 +136,7 @@ def test_bodies_are_decoded_by_httpx_and_redirects_are_not_followed(server: Serv
     asyncio.run(main())
 
 
-def test_failures_are_httpx_exceptions(server: ServerThread) -> None:
+def test_failures_are_httpx_exceptions(server: ServerThread, make_client: Any) -> None:
     # A port nobody listens on; a server that accepts and hangs up without answering.
     closed = free_port()
     listener = socket.socket()
@@ -131,7 +156,7 @@ def test_failures_are_httpx_exceptions(server: ServerThread) -> None:
     threading.Thread(target=accept_and_close, daemon=True).start()
 
     async def main() -> None:
-        async with _client() as client:
+        async with make_client() as client:
             with pytest.raises(httpx.ConnectError):
                 await client.get(f"http://127.0.0.1:{closed}/")
             with pytest.raises(httpx.RemoteProtocolError):
@@ -150,14 +175,14 @@ def test_failures_are_httpx_exceptions(server: ServerThread) -> None:
 
 
 def test_environment_proxies_are_honoured_as_httpx_honours_them(
-    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, make_client: Any
 ) -> None:
     # The test server plays the proxy: a proxied request reaches it with the target's name as Host.
     monkeypatch.setenv("HTTP_PROXY", server.url)
     monkeypatch.setenv("NO_PROXY", "direct.invalid")
 
     async def main() -> None:
-        async with _client() as client:
+        async with make_client() as client:
             proxied = await client.get("http://origin.invalid/echo")
             assert proxied.status_code == 201 and proxied.json()["headers"]["host"] == "origin.invalid"
             with pytest.raises(httpx.ConnectError):  # exempt: sent straight to a name that does not resolve
@@ -167,16 +192,57 @@ def test_environment_proxies_are_honoured_as_httpx_honours_them(
 
 
 def test_a_proxy_this_transport_cannot_speak_fails_the_call_instead_of_being_skipped(
-    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, make_client: Any
 ) -> None:
     for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ALL_PROXY", "socks5://user:s3cret@127.0.0.1:1080")
 
     async def main() -> None:
-        async with _client() as client:
+        async with make_client() as client:
             with pytest.raises(httpx.ProxyError) as refused:  # never sent around the proxy the operator set
                 await client.get(f"{server.url}/echo")
             assert "s3cret" not in str(refused.value)
+
+    asyncio.run(main())
+
+
+def test_the_short_way_sends_what_httpx_sends(server: ServerThread) -> None:
+    # The same calls through httpx's own client and transport, and through the gateway's client: the server sees
+    # the same request line (the URL as httpx encodes it: a provider's signed URL must arrive unchanged), the same
+    # headers and the same body.
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/seen", {"json": {"prompt": "é fox", "n": 2}, "headers": {"Authorization": "Bearer t"}}),
+        ("POST", "/seen", {"content": b"raw bytes", "headers": {"Content-Type": "application/octet-stream"}}),
+        ("POST", "/seen", {"headers": {"X-Custom": "v"}}),
+        ("GET", "/seen?sig=a%2Fb%3D&x=%7E&y=caf%C3%A9&z=a b", {"headers": {"authorization": "Token lower-case"}}),
+        ("PUT", "/seen", {}),
+        ("DELETE", "/seen", {"timeout": 3}),
+    ]
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as plain, AiohttpClient(timeout=httpx.Timeout(5.0)) as short:
+            for method, path, kwargs in calls:
+                expected = (await plain.request(method, f"{server.url}{path}", **kwargs)).json()
+                got = (await short.request(method, f"{server.url}{path}", **kwargs)).json()
+                for seen in (expected, got):  # aiohttp says "Content-Length: 0" on a DELETE without a body
+                    if seen["headers"].get("content-length") == "0":
+                        del seen["headers"]["content-length"]
+                assert got == expected, (method, path)
+
+    asyncio.run(main())
+
+
+def test_the_gateways_client_keeps_no_cookies(server: ServerThread) -> None:
+    # One client serves every tenant's jobs: a cookie a provider set for one must never ride along on the next,
+    # whether the call went the short way or through httpx (a stream).
+    async def main() -> None:
+        async with AiohttpClient(timeout=httpx.Timeout(5.0)) as client:
+            first = await client.request("GET", f"{server.url}/cookie")
+            assert "session=tenant-a" in first.headers["set-cookie"]
+            assert (await client.request("GET", f"{server.url}/cookie")).json() == {"cookie": None}
+            async with client.stream("GET", f"{server.url}/cookie") as streamed:
+                await streamed.aread()
+            assert (await client.get(f"{server.url}/cookie")).json() == {"cookie": None}
 
     asyncio.run(main())
