@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -247,7 +248,10 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None)
             await engine.dispose()
             metrics.close()
 
-    app = FastAPI(title="hidream-gateway", version="0.1.0", lifespan=lifespan)
+    # FastAPI looks up the OpenTelemetry providers on every request (a few % of the event loop) unless told not to;
+    # the gateway's own metrics are Prometheus' (/metrics), so its OpenTelemetry is opt-in.
+    off: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="hidream-gateway", version="0.1.0", lifespan=lifespan, telemetry=None if settings.otel else off)
     install_error_handlers(app)
     for module in (health, images, predictions, webhooks, files, usage, admin):
         app.include_router(module.router)

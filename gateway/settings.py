@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     metrics_max_tenants: int = Field(
         default=100, ge=0, description="tenants labelled by id in /metrics; the rest are counted as 'other'"
     )
+    otel: bool = Field(
+        default=False,
+        description="FastAPI's OpenTelemetry instrumentation (its per-request check of the providers costs CPU)",
+    )
     metrics_token: SecretStr | None = Field(
         default=None, description="if set, /metrics needs 'Authorization: Bearer <token>'; open without"
     )

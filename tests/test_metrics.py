@@ -400,3 +400,27 @@ def test_concurrent_scrapes_forget_a_dead_worker_without_tripping_on_each_other(
     samples = parse(body.decode())
     assert value(samples, "hdg_done_total") == 1
     assert not [s for s in samples if s.name in ("hdg_running", "hdg_up")]
+
+
+def test_opentelemetry_is_looked_up_per_request_only_when_hdg_otel_is_set(
+    make_gateway: Any, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FastAPI asks OpenTelemetry for its tracer provider on every request unless told not to; the gateway tells it
+    # not to, unless the operator turns it on.
+    from opentelemetry import trace
+
+    asked: list[int] = []
+    real = trace.get_tracer_provider
+
+    def counted() -> Any:
+        asked.append(1)
+        return real()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", counted)
+    off = make_gateway(sqlite_url)
+    for _ in range(3):
+        assert off.client.get("/healthz").status_code == 200
+    assert asked == []
+    on = make_gateway(sqlite_url, otel=True)
+    assert on.client.get("/healthz").status_code == 200
+    assert asked
