@@ -102,15 +102,18 @@ async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id
 # Core statements built once, executed with parameters: these run once per generation, and building a statement
 # (and its cache key) costs more than executing it; the ORM's per-column work would cost more still.
 _INSERT_USAGE = insert(USAGE_EVENTS)
+_INSERT_FILES = insert(FILES)
 
 
 @cache
-def _settle_stmt(columns: tuple[str, ...], owned: bool) -> Any:
+def _settle_stmt(columns: tuple[str, ...], owned: bool, expected: int) -> Any:
     """The guarded update that ends a job: sets ``columns`` (and frees the lease) where the job is still in one of
-    the expected states (and, if ``owned``, still held by the owner); returns its hold.
+    the ``expected`` states (bound as ``g_expected_0``, ...; an expanding IN would be rendered again on every call)
+    and, if ``owned``, still held by the owner; returns its hold.
     """
     t = PREDICTIONS.c
-    guard = [t.id == bindparam("g_id"), t.status.in_(bindparam("g_expected", expanding=True))]
+    states: list[Any] = [bindparam(f"g_expected_{i}") for i in range(expected)]
+    guard = [t.id == bindparam("g_id"), t.status.in_(states)]
     if owned:
         guard.append(t.lease_owner == bindparam("g_owner"))
     return (
@@ -163,10 +166,10 @@ def finish_prediction(
     }
     if logs is not None:
         values["logs"] = logs
-    guard = {"g_id": prediction.id, "g_expected": list(expected)}
+    guard = {"g_id": prediction.id} | {f"g_expected_{i}": state for i, state in enumerate(expected)}
     if lease_owner is not None:
         guard["g_owner"] = lease_owner
-    stmt = _settle_stmt(tuple(values), lease_owner is not None)
+    stmt = _settle_stmt(tuple(values), lease_owner is not None, len(expected))
     won = (conn.execute(stmt, {f"v_{k}": v for k, v in values.items()} | guard)).first()
     if won is None:
         return False
@@ -174,7 +177,7 @@ def finish_prediction(
     if held is not None:
         price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
-        conn.execute(insert(FILES), [_columns(f) for f in files])
+        conn.execute(_INSERT_FILES, [_columns(f) for f in files])
     ledger.settle(
         conn,
         tenant_id=prediction.tenant_id,

@@ -107,17 +107,24 @@ class SqliteWriter:
                 if len(group) == 1:  # alone: no savepoint needed, the transaction is the unit
                     outcomes.append((True, group[0].work(conn)))
                 else:
+                    # Savepoints said to the driver: SQLAlchemy's begin_nested compiles its SAVEPOINT statements
+                    # anew each time, which cost as much as the work in them.
+                    raw = conn.connection.driver_connection
+                    assert raw is not None
                     for item in group:
+                        raw.execute("SAVEPOINT hdg_piece")
                         try:
-                            with conn.begin_nested():
-                                value = item.work(conn)
+                            value = item.work(conn)
                         except Exception as exc:
                             if not _in_transaction(conn):
                                 # SQLite rolled the whole transaction back itself (a full disk, an I/O error): the
                                 # pieces before this one are gone too, so the group fails as a whole.
                                 raise
+                            raw.execute("ROLLBACK TO SAVEPOINT hdg_piece")
+                            raw.execute("RELEASE SAVEPOINT hdg_piece")
                             outcomes.append((False, exc))
                         else:
+                            raw.execute("RELEASE SAVEPOINT hdg_piece")
                             outcomes.append((True, value))
         except Exception as exc:  # BEGIN or COMMIT failed, or the one piece raised: none of it is known to have landed
             return [(False, exc)] * len(group)
