@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.errors import BudgetExceeded, ConcurrencyLimited
 from gateway.storage.models import ApiKey, KeySpend, Tenant, TenantSpend
+from gateway.storage.writer import execute
 
 # Advisory-lock key spaces of the per-owner hold lock (tenants and keys apart, so their ids never collide).
 _LOCK_SPACES = {"tenant_id": 0x68640001, "api_key_id": 0x68640002}
@@ -131,17 +132,17 @@ def _reserve_month(
     # (The subqueries are read once, before that wait: other months' holds can only have shrunk meanwhile, since
     # holds are taken one at a time, so a stale read refuses a little early, never late.)
     reserve = _guarded_reserve(table, owners, owner)
-    if _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1:
+    if _rowcount(execute(conn, reserve, params | {"amount": amount})) == 1:
         return True
     # Nothing was updated: the budget refused, or the month has no row yet (its first job). Make sure it has one and
     # ask the guard again. Again even when the insert found the row there: a settle crossing into the new month may
     # have created it since the update (settles do not take the hold lock), and the hold must then be judged on it.
-    conn.execute(_open_month(table, owner, dialect), params)
-    return _rowcount(conn.execute(reserve, params | {"amount": amount})) == 1
+    execute(conn, _open_month(table, owner, dialect), params)
+    return _rowcount(execute(conn, reserve, params | {"amount": amount})) == 1
 
 
 def _take_slot(conn: Connection, table: Table, row_id: str) -> bool:
-    return _rowcount(conn.execute(_slot(table, +1), {"row_id": row_id})) == 1
+    return _rowcount(execute(conn, _slot(table, +1), {"row_id": row_id})) == 1
 
 
 def hold(conn: Connection, *, tenant: Tenant, key: ApiKey, month: str, amount: Decimal) -> None:
@@ -177,7 +178,7 @@ def _apply(
 ) -> None:
     ((column, owner_id),) = owner.items()
     stmt = _apply_stmt(table, column, _dialect(conn))
-    conn.execute(stmt, {"owner_id": owner_id, "in_month": month, "spent": spent, "reserved": reserved})
+    execute(conn, stmt, {"owner_id": owner_id, "in_month": month, "spent": spent, "reserved": reserved})
 
 
 def settle(
@@ -200,4 +201,4 @@ def settle(
             _apply(conn, table, owner, month=month, spent=charge, reserved=-(held or Decimal(0)))
     if held is not None:
         for table, row_id in ((TENANTS, tenant_id), (API_KEYS, key_id)):
-            conn.execute(_slot(table, -1), {"row_id": row_id})
+            execute(conn, _slot(table, -1), {"row_id": row_id})

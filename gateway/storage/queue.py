@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.storage.models import IdempotencyKey, Prediction, utcnow
 from gateway.storage.repo import PREDICTIONS
+from gateway.storage.writer import execute
 
 # The states and the moves between them; everything else is refused by the guarded updates below.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -36,7 +37,7 @@ def insert_job(conn: Connection, prediction: Prediction) -> None:
     """Insert a new job row (a Core insert: it is on every request's path)."""
     values = {c.key: getattr(prediction, c.key) for c in PREDICTIONS.columns}
     # One statement object for every job: its compiled form is cached per set of columns given.
-    conn.execute(_INSERT_JOB, {k: v for k, v in values.items() if v is not None})
+    execute(conn, _INSERT_JOB, {k: v for k, v in values.items() if v is not None})
 
 
 async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -> IdempotencyKey | None:

@@ -25,6 +25,7 @@ from gateway.storage.models import (
     is_id,
     utcnow,
 )
+from gateway.storage.writer import execute
 
 # The tables themselves, for Core statements on the per-generation path.
 PREDICTIONS = cast(Table, Prediction.__table__)
@@ -170,14 +171,14 @@ def finish_prediction(
     if lease_owner is not None:
         guard["g_owner"] = lease_owner
     stmt = _settle_stmt(tuple(values), lease_owner is not None, len(expected))
-    won = (conn.execute(stmt, {f"v_{k}": v for k, v in values.items()} | guard)).first()
+    won = execute(conn, stmt, {f"v_{k}": v for k, v in values.items()} | guard).first()
     if won is None:
         return False
     held, held_month = won
     if held is not None:
         price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
-        conn.execute(_INSERT_FILES, [_columns(f) for f in files])
+        execute(conn, _INSERT_FILES, [_columns(f) for f in files])
     ledger.settle(
         conn,
         tenant_id=prediction.tenant_id,
@@ -187,7 +188,8 @@ def finish_prediction(
         held=held,
         held_month=held_month,
     )
-    conn.execute(
+    execute(
+        conn,
         _INSERT_USAGE,
         {
             "prediction_id": prediction.id,

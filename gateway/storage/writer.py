@@ -38,7 +38,10 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.sql import Executable
 
 from gateway.storage.db import sqlite_pragmas
 
@@ -69,6 +72,7 @@ class SqliteWriter:
         )
         event.listen(self.engine, "connect", sqlite_pragmas)
         event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(self.engine, "engine_connect", lambda conn: conn.info.__setitem__(_RAW, True))
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
         self._lock = threading.Lock()
         self._pending: list[_Work[Any]] = []
@@ -161,6 +165,102 @@ def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
     else:
         future.set_exception(value)
 
+
+# -- statements said to the driver ------------------------------------------------------------------------------
+#
+# On the SQLite writer's connection, SQLAlchemy's execution path (a context, parameter processing, a result object)
+# costs several times what SQLite takes to run a statement, and the writer runs a dozen per generation. ``execute``
+# compiles a prebuilt Core statement once, with SQLAlchemy's own compiler and its types' own parameter and result
+# conversions, and then hands the SQL and the converted parameters to the driver. Statements that need more of
+# SQLAlchemy (Python-side column defaults, expanding IN lists) and every other database take the usual way.
+
+
+@dataclass(frozen=True)
+class _Plan:
+    sql: str
+    order: tuple[str, ...]  # the parameters' names, in the order of the SQL's ?s
+    convert: tuple[Callable[[Any], Any] | None, ...]  # each one's bind conversion
+    literal: dict[str, Any]  # values the statement carries itself (a literal 0, round()'s 6)
+    returns: tuple[Callable[[Any], Any] | None, ...] | None  # RETURNING columns' conversions, or None
+
+
+@dataclass(frozen=True)
+class Executed:
+    """What a statement said to the driver answered: enough of SQLAlchemy's result for the callers here."""
+
+    rowcount: int
+    rows: list[tuple[Any, ...]]
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+
+_PLANS: dict[tuple[int, frozenset[str]], tuple[Executable, _Plan | None]] = {}
+
+
+def _plan(stmt: Any, keys: frozenset[str], dialect: Dialect) -> _Plan | None:
+    compiled: Any = stmt.compile(dialect=dialect, column_keys=sorted(keys))
+    binds = compiled.binds
+    if compiled.insert_prefetch or compiled.update_prefetch or compiled.positiontup is None:
+        return None  # Python-side defaults to compute, or not positional: SQLAlchemy's way
+    if any(b.expanding for b in binds.values()):
+        return None
+    order = tuple(compiled.positiontup)
+    convert = tuple(binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in order)
+    literal = {name: b.effective_value for name, b in binds.items() if not b.required}
+    returning = compiled.effective_returning
+    returns = None
+    if returning:
+        returns = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in returning)
+    return _Plan(compiled.string, order, convert, literal, returns)
+
+
+def _values(plan: _Plan, params: dict[str, Any]) -> tuple[Any, ...]:
+    out = []
+    for name, convert in zip(plan.order, plan.convert, strict=True):
+        value = params[name] if name in params else plan.literal[name]
+        out.append(convert(value) if convert is not None and value is not None else value)
+    return tuple(out)
+
+
+def execute(conn: Connection, stmt: Executable, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """``conn.execute(stmt, params)``, said straight to the driver on the SQLite writer's connection.
+
+    ``stmt`` must be built once (module level or cached), as the plan is kept per statement object. Answers an
+    ``Executed`` (rowcount, rows) there and SQLAlchemy's result elsewhere; raises SQLAlchemy's exceptions either way.
+    """
+    if not conn.info.get(_RAW):
+        return conn.execute(stmt, params)
+    batch = params if isinstance(params, list) else [params]
+    keys = frozenset(batch[0]) if batch else frozenset()
+    if not batch or any(frozenset(p) != keys for p in batch):
+        return conn.execute(stmt, params)
+    cached = _PLANS.get((id(stmt), keys))
+    if cached is None or cached[0] is not stmt:
+        cached = _PLANS[id(stmt), keys] = (stmt, _plan(stmt, keys, conn.dialect))
+    plan = cached[1]
+    if plan is None:
+        return conn.execute(stmt, params)
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        if isinstance(params, list):
+            cursor = raw.executemany(plan.sql, [_values(plan, p) for p in batch])
+        else:
+            cursor = raw.execute(plan.sql, _values(plan, params))
+        rows: list[tuple[Any, ...]] = []
+        if plan.returns is not None:
+            rows = [
+                tuple(c(v) if c is not None else v for c, v in zip(plan.returns, row, strict=True))
+                for row in cursor.fetchall()
+            ]
+        return Executed(cursor.rowcount, rows)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(plan.sql, None, exc, dbapi_error) from exc
+
+
+_RAW = "hdg_raw_statements"  # set in the info of the writer's connections: ``execute`` may go to the driver there
 
 _WRITERS: weakref.WeakKeyDictionary[Any, SqliteWriter] = weakref.WeakKeyDictionary()
 
