@@ -123,7 +123,7 @@ def gateway_app(settings: Settings) -> FastAPI:
     """The gateway's app, not started yet; raises ConfigurationError when an enabled backend cannot work."""
     from gateway.app import create_app
 
-    return create_app(settings)
+    return create_app(settings, freeze_gc=True)  # the one app this process serves
 
 
 def serve_app(app: FastAPI, *, host: str, port: int, when_ready: str | None = None) -> None:

@@ -146,3 +146,24 @@ def test_an_optional_misconfigured_backend_lets_the_process_serve(tmp_path: Path
         assert ready.status_code == 200
         assert ready.json()["checks"]["backends"] == {"fal": "up", "replicate": "misconfigured"}
     assert "replicate is misconfigured and will not be used" in gw.log_tail()
+
+
+def test_a_served_app_freezes_what_start_up_made_and_a_test_app_does_not(tmp_path: Path) -> None:
+    # The one app a process serves (app_from_env, `serve`) takes its start-up objects out of the cycle collector's
+    # walks; apps made by the dozen in one process (tests) do not, so their cycles are still collected.
+    import gc
+
+    from tests.fakes.server import ServerThread
+
+    gc.unfreeze()
+    try:
+        for freeze, expect in ((False, False), (True, True)):
+            app = create_app(Settings(data_dir=tmp_path / f"data-{freeze}"), backends=[], freeze_gc=freeze)
+            server = ServerThread(app).start()
+            try:
+                assert httpx.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
+                assert (gc.get_freeze_count() > 0) is expect
+            finally:
+                server.stop()
+    finally:
+        gc.unfreeze()
