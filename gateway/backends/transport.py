@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import json as jsonlib
+import re
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NoReturn
@@ -65,12 +66,14 @@ def _reraise(exc: Exception, request: httpx.Request) -> NoReturn:
     translated = _translated(exc, request)
     if translated is exc:
         raise exc
+    if isinstance(translated, httpx.ProxyError):  # the cause's text carries the proxy's credentials
+        raise translated from None
     raise translated from exc
 
 
 def _translated(exc: Exception, request: httpx.Request) -> Exception:
     message = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ClientHttpProxyError):  # its text names the proxy URL, credentials and all
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # its text names the proxy URL, credentials and all (_reraise)
         return httpx.ProxyError(f"The proxy refused the request ({exc.status}).", request=request)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(message, request=request)
@@ -153,6 +156,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         body = await request.aread()  # sent whole, with its Content-Length: never chunked
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         headers = [(k, v) for k, v in raw if k.lower() != "transfer-encoding"]
+        for name, value in headers:  # refused as httpx's own transport refuses them (aiohttp raises a ValueError)
+            if not _NO_CONTROLS.match(value) or not _PRINTABLE.match(name):
+                raise httpx.LocalProtocolError(f"Illegal header {name!r}", request=request)
         if body and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(body))))
         try:
@@ -170,6 +176,26 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _plain(content: Any, json: Any, headers: Any) -> bool:
+    """Whether a call is one the short way sends as httpx would: bytes or JSON (not both), and headers a plain
+    dict of printable ASCII text (anything else, httpx checks, encodes or refuses in ways of its own)."""
+    if content is not None and (json is not None or not isinstance(content, bytes)):
+        return False
+    if headers is None:
+        return True
+    if type(headers) is not dict:
+        return False
+    return all(
+        isinstance(k, str) and isinstance(v, str) and _PRINTABLE.match(k) and _VALUE.match(v)
+        for k, v in headers.items()
+    )
+
+
+_PRINTABLE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a header name (RFC 9110 token)
+_VALUE = re.compile(r"[\x20-\x7e\t]*\Z")  # printable ASCII and tabs: no CR, LF or other controls
+_NO_CONTROLS = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")  # what HTTP allows in a value sent as bytes
 
 
 class _NoCookies(http.cookiejar.DefaultCookiePolicy):
@@ -206,32 +232,35 @@ class AiohttpClient(httpx.AsyncClient):
         timeout: Any = httpx.USE_CLIENT_DEFAULT,
         **other: Any,
     ) -> httpx.Response:
-        if (
-            other
-            or (content is not None and not isinstance(content, bytes))
-            or (content is not None and json is not None)
-        ):
+        # httpx's get(), post(), ... pass every argument, most at their defaults (which mean nothing here).
+        unusual = any(v is not None and v is not httpx.USE_CLIENT_DEFAULT for v in other.values())
+        if unusual or not _plain(content, json, headers):
             return await super().request(
                 method, url, content=content, json=json, headers=headers, timeout=timeout, **other
             )
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        method = method.upper()
         target = httpx.URL(url)
-        sent = dict(self.headers)  # lower-case names: the call's own replace them, whatever their case
+        # By lower-case name, as httpx merges them: the call's own replace the client's, in the call's spelling.
+        sent = {k.decode().lower(): (k.decode(), v.decode("latin-1")) for k, v in self.headers.raw}
         for name, value in (headers or {}).items():
-            sent[name.lower()] = value
+            sent[name.lower()] = (name, value)
         body = content or b""
         if json is not None:
             body = jsonlib.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-            sent["content-type"] = "application/json"
+            sent.setdefault("content-type", ("Content-Type", "application/json"))
         if body or method in ("POST", "PUT", "PATCH"):
-            sent["content-length"] = str(len(body))
+            sent.setdefault("content-length", ("Content-Length", str(len(body))))
         spans = self.timeout if timeout is httpx.USE_CLIENT_DEFAULT else httpx.Timeout(timeout)
         limits = aiohttp.ClientTimeout(total=None, sock_connect=spans.connect, sock_read=spans.read)
+        request = httpx.Request(method, target)  # for the answer and the errors (what was sent is above)
         try:
-            response = await self._aio._send(method.upper(), target, list(sent.items()), body, limits)
+            response = await self._aio._send(method, target, list(sent.values()), body, limits)
             try:
                 payload = await response.read()
             finally:
                 response.release()
         except Exception as exc:
-            _reraise(exc, httpx.Request(method, target))
-        return httpx.Response(response.status, headers=list(response.raw_headers), content=payload)
+            _reraise(exc, request)
+        return httpx.Response(response.status, headers=list(response.raw_headers), content=payload, request=request)
