@@ -12,12 +12,20 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same for every replica running migrations.
 _MIGRATION_LOCK_ID = 0x4844_4757
+
+
+RAW_STATEMENTS = "hdg_raw_statements"  # in a connection's info: writer.execute may go to its driver
+
+
+def allow_raw(engine: Engine) -> None:
+    """Let ``writer.execute`` say its statements straight to the driver on ``engine``'s connections."""
+    event.listen(engine, "engine_connect", lambda conn: conn.info.__setitem__(RAW_STATEMENTS, True))
 
 
 def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
@@ -42,7 +50,10 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     # No pool_pre_ping: it costs a round trip on every checkout; pool_recycle retires idle connections instead.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
+    if engine.dialect.name == "postgresql":
+        allow_raw(engine.sync_engine)
+    return engine
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql import Executable
 
-from gateway.storage.db import sqlite_pragmas
+from gateway.storage.db import RAW_STATEMENTS, allow_raw, sqlite_pragmas
 
 T = TypeVar("T")
 log = logging.getLogger("hidream_gateway.storage")
@@ -72,7 +72,7 @@ class SqliteWriter:
         )
         event.listen(self.engine, "connect", sqlite_pragmas)
         event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        event.listen(self.engine, "engine_connect", lambda conn: conn.info.__setitem__(_RAW, True))
+        allow_raw(self.engine)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
         self._lock = threading.Lock()
         self._pending: list[_Work[Any]] = []
@@ -175,13 +175,14 @@ def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
 # SQLAlchemy (Python-side column defaults, expanding IN lists) and every other database take the usual way.
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Plan:
     sql: str
-    order: tuple[str, ...]  # the parameters' names, in the order of the SQL's ?s
+    order: tuple[str, ...]  # the parameters' names, in the order of the SQL's placeholders
     convert: tuple[Callable[[Any], Any] | None, ...]  # each one's bind conversion
     literal: dict[str, Any]  # values the statement carries itself (a literal 0, round()'s 6)
-    returns: tuple[Callable[[Any], Any] | None, ...] | None  # RETURNING columns' conversions, or None
+    returning: tuple[Any, ...]  # the RETURNING columns (their conversions need the driver's column types)
+    returns: tuple[Callable[[Any], Any] | None, ...] | None = None  # made at the first answer
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class Executed:
         return self.rows[0] if self.rows else None
 
 
-_PLANS: dict[tuple[int, frozenset[str]], tuple[Executable, _Plan | None]] = {}
+_PLANS: dict[tuple[int, str, frozenset[str]], tuple[Executable, _Plan | None]] = {}
 
 
 def _plan(stmt: Any, keys: frozenset[str], dialect: Dialect) -> _Plan | None:
@@ -208,11 +209,7 @@ def _plan(stmt: Any, keys: frozenset[str], dialect: Dialect) -> _Plan | None:
     order = tuple(compiled.positiontup)
     convert = tuple(binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in order)
     literal = {name: b.effective_value for name, b in binds.items() if not b.required}
-    returning = compiled.effective_returning
-    returns = None
-    if returning:
-        returns = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in returning)
-    return _Plan(compiled.string, order, convert, literal, returns)
+    return _Plan(compiled.string, order, convert, literal, tuple(compiled.effective_returning or ()))
 
 
 def _values(plan: _Plan, params: dict[str, Any]) -> tuple[Any, ...]:
@@ -223,44 +220,54 @@ def _values(plan: _Plan, params: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _rows(plan: _Plan, cursor: Any, dialect: Dialect) -> list[tuple[Any, ...]]:
+    if not plan.returning:
+        return []
+    if plan.returns is None:
+        plan.returns = tuple(
+            c.type.dialect_impl(dialect).result_processor(dialect, described[1])
+            for c, described in zip(plan.returning, cursor.description, strict=True)
+        )
+    return [
+        tuple(c(v) if c is not None else v for c, v in zip(plan.returns, row, strict=True)) for row in cursor.fetchall()
+    ]
+
+
 def execute(conn: Connection, stmt: Executable, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
-    """``conn.execute(stmt, params)``, said straight to the driver on the SQLite writer's connection.
+    """``conn.execute(stmt, params)``, said straight to the driver's cursor on the connections that allow it (the
+    SQLite writer's and PostgreSQL's, in ``transact``).
 
     ``stmt`` must be built once (module level or cached), as the plan is kept per statement object. Answers an
     ``Executed`` (rowcount, rows) there and SQLAlchemy's result elsewhere; raises SQLAlchemy's exceptions either way.
     """
-    if not conn.info.get(_RAW):
+    if not conn.info.get(RAW_STATEMENTS):
         return conn.execute(stmt, params)
     batch = params if isinstance(params, list) else [params]
     keys = frozenset(batch[0]) if batch else frozenset()
     if not batch or any(frozenset(p) != keys for p in batch):
         return conn.execute(stmt, params)
-    cached = _PLANS.get((id(stmt), keys))
+    dialect = conn.dialect
+    key = (id(stmt), dialect.name, keys)
+    cached = _PLANS.get(key)
     if cached is None or cached[0] is not stmt:
-        cached = _PLANS[id(stmt), keys] = (stmt, _plan(stmt, keys, conn.dialect))
+        cached = _PLANS[key] = (stmt, _plan(stmt, keys, dialect))
     plan = cached[1]
     if plan is None:
         return conn.execute(stmt, params)
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    dbapi_error = conn.dialect.loaded_dbapi.Error
+    dbapi_error = dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         if isinstance(params, list):
-            cursor = raw.executemany(plan.sql, [_values(plan, p) for p in batch])
+            cursor.executemany(plan.sql, [_values(plan, p) for p in batch])
         else:
-            cursor = raw.execute(plan.sql, _values(plan, params))
-        rows: list[tuple[Any, ...]] = []
-        if plan.returns is not None:
-            rows = [
-                tuple(c(v) if c is not None else v for c, v in zip(plan.returns, row, strict=True))
-                for row in cursor.fetchall()
-            ]
+            cursor.execute(plan.sql, _values(plan, params))
+        rows = _rows(plan, cursor, dialect)
         return Executed(cursor.rowcount, rows)
     except dbapi_error as exc:
         raise DBAPIError.instance(plan.sql, None, exc, dbapi_error) from exc
+    finally:
+        cursor.close()
 
-
-_RAW = "hdg_raw_statements"  # set in the info of the writer's connections: ``execute`` may go to the driver there
 
 _WRITERS: weakref.WeakKeyDictionary[Any, SqliteWriter] = weakref.WeakKeyDictionary()
 
