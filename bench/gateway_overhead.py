@@ -1,7 +1,7 @@
 """Gateway overhead: latency the gateway adds in front of an upstream that answers at once, and requests/s.
 
 Run: .venv/bin/python bench/gateway_overhead.py [--backend worker|replicate] [--requests 2000]
-     [--database-url URL] [--compare-litellm] [--concurrency 1,32] [--wrap-gateway "py-spy record ... --"]
+     [--database-url URL] [--compare-litellm] [--floor] [--concurrency 1,32] [--wrap-gateway "py-spy record ... --"]
 
 Starts an upstream that answers at once, in its own process, and `uvicorn gateway.app:app_from_env` (one process,
 one event loop) in front of it, with a tenant with a monthly budget (so authentication, the budget check, the
@@ -17,6 +17,10 @@ and through the gateway, at each concurrency, and prints p50/p99/max latency, th
 adds), requests/s, requests over 1 s, errors (answers other than 200, dropped connections) and the CPU the server's
 process spent per request (all its threads, from /proc; with ``--wrap-gateway`` it is the wrapper's). CPU per request
 is the steadier figure on a shared machine: requests/s moves with whatever else the cores are doing.
+
+``--floor`` (with ``--backend worker``) also measures bench/floor_proxy.py in front of the same upstream: one uvicorn
+process that reads the request, makes the worker call with aiohttp and answers, and does nothing else. It is the
+ceiling for any proxy written this way on this machine.
 
 ``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
 front of a fake OpenAI images endpoint, with the same client in the same run.
@@ -328,15 +332,19 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary data dir")
     parser.add_argument("--concurrency", default="1,32", help="comma-separated client counts (default 1,32)")
     parser.add_argument("--compare-litellm", action="store_true", help="also measure a LiteLLM proxy on PATH")
+    parser.add_argument("--floor", action="store_true", help="also measure bench/floor_proxy.py (worker backend)")
     parser.add_argument(
         "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
     )
     args = parser.parse_args()
+    if args.floor and args.backend != "worker":
+        parser.error("--floor makes the worker call: use it with --backend worker")
     levels = [int(c) for c in args.concurrency.split(",")]
 
     upstream = Upstream(args.backend)
     gateway: subprocess.Popen[bytes] | None = None
     litellm = None
+    floor: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
             "HDG_DATA_DIR": tmp,
@@ -376,6 +384,13 @@ def main() -> None:
             wait_for_port(gw_port, gateway, "the gateway")
             if args.compare_litellm:
                 litellm = start_litellm(tmp)
+            if args.floor:
+                floor_port = free_port()
+                serve_floor = [sys.executable, "-m", "uvicorn", "bench.floor_proxy:app", "--port", str(floor_port)]
+                floor_env = env | {"HDG_FLOOR_UPSTREAM": up}
+                floor = subprocess.Popen([*serve_floor, "--log-level", "warning"], env=floor_env, cwd=ROOT)
+                wait_for_port(floor_port, floor, "the floor proxy")
+                asyncio.run(load(floor_port, post("/v1/images/generations", request), 200, 4))
             warm = asyncio.run(load(gw_port, through, 200, 4))
             if warm.errors:
                 raise SystemExit(f"the gateway failed during warm-up: {warm.first_error}")
@@ -391,6 +406,10 @@ def main() -> None:
                 d = row(conc, "upstream", asyncio.run(load(upstream.port, direct, args.requests, conc)))
                 g = row(conc, "gateway", *measured(gateway.pid, gw_port, through, args.requests, conc))
                 added(conc, "added", g, d)
+                if floor is not None:
+                    to_floor = post("/v1/images/generations", request)
+                    f = row(conc, "floor", *measured(floor.pid, floor_port, to_floor, args.requests, conc))
+                    added(conc, "fl-added", f, d)
                 if litellm is not None:
                     to_openai = post("/v1/images/generations", request, _bearer("sk-upstream"))
                     to_litellm = post("/v1/images/generations", request, _bearer(litellm[3]))
@@ -403,6 +422,8 @@ def main() -> None:
             if litellm is not None:
                 stop(litellm[0])
                 litellm[1].stop()
+            if floor is not None:
+                stop(floor)
             upstream.stop()
 
 
