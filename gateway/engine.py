@@ -255,17 +255,28 @@ class Engine:
 
     async def wait(self, prediction_id: str, *, timeout: float) -> Finished:
         """The job once it is terminal, or as it stands after ``timeout`` seconds."""
+        finished = await self.wait_unless(prediction_id, timeout=timeout, gone=None)
+        assert finished is not None  # only ``gone`` ends the wait without an answer
+        return finished
+
+    async def wait_unless(
+        self, prediction_id: str, *, timeout: float, gone: asyncio.Future[Any] | None
+    ) -> Finished | None:
+        """``wait``, or None as soon as ``gone`` is done (the client hung up): one wait on both, no task of its own."""
         deadline = time.monotonic() + timeout
         delay = 0.05
+        also = {gone} if gone is not None else set()
         while True:
             remaining = deadline - time.monotonic()
             task = self._tasks.get(prediction_id)
             if task is not None and remaining > 0:
-                done, _ = await asyncio.wait({task}, timeout=remaining)
-                if done and not task.cancelled() and task.exception() is None:
+                done, _ = await asyncio.wait({task, *also}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if task in done and not task.cancelled() and task.exception() is None:
                     finished = task.result()
                     if finished.prediction.status in queue.TERMINAL:
                         return finished
+                if gone is not None and gone.done():
+                    return None
                 if not done:
                     remaining = 0
             async with self.sessions() as session:
@@ -278,7 +289,13 @@ class Engine:
             if remaining <= 0 or deadline - time.monotonic() <= 0:
                 return Finished(row, files)
             if prediction_id not in self._tasks:  # running elsewhere (or waiting to be claimed): poll
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                pause = min(delay, max(0.0, deadline - time.monotonic()))
+                if gone is not None:
+                    await asyncio.wait({gone}, timeout=pause)
+                    if gone.done():
+                        return None
+                else:
+                    await asyncio.sleep(pause)
                 delay = min(delay * 2, 1.0)
 
     async def cancel(self, *, tenant_id: str, prediction_id: str) -> Prediction | None:

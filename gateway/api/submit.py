@@ -103,16 +103,13 @@ async def wait_while_connected(
     A client that hangs up without an Idempotency-Key can never collect the result, so its job is canceled (and
     not billed); with a key, the job goes on and a retry with the key re-attaches to it.
     """
-    waiter = asyncio.create_task(engine.wait(prediction_id, timeout=timeout))
     gone = asyncio.create_task(_hung_up(request))
     try:
-        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finished = await engine.wait_unless(prediction_id, timeout=timeout, gone=gone)
     finally:
         gone.cancel()
-        if not waiter.done():
-            waiter.cancel()
-    if waiter.done() and not waiter.cancelled():
-        return waiter.result()
+    if finished is not None:
+        return finished
     if not keep_going:
         await asyncio.shield(engine.cancel(tenant_id=tenant_id, prediction_id=prediction_id))
     return None
