@@ -266,3 +266,34 @@ def test_the_short_way_answers_and_refuses_as_httpx_does(server: ServerThread) -
             await client.request("GET", f"{server.url}/seen")
 
     asyncio.run(main())
+
+
+def test_a_proxys_refusal_carries_none_of_its_credentials_anywhere_in_the_chain(
+    monkeypatch: pytest.MonkeyPatch, make_client: Any
+) -> None:
+    # aiohttp's error names the proxy URL, user and password included: neither its text nor the error itself may
+    # travel with what the gateway raises (an error reporter walks __cause__ and __context__).
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        proxy = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://user:s3cret@127.0.0.1:{port}")
+        try:
+            async with make_client() as client:
+                with pytest.raises(httpx.ProxyError) as refused:
+                    await client.get("https://origin.invalid/")
+        finally:
+            proxy.close()
+        seen: BaseException | None = refused.value
+        while seen is not None:
+            assert "s3cret" not in f"{seen!s} {seen!r}"
+            seen = seen.__cause__ or seen.__context__
+
+    asyncio.run(main())

@@ -147,3 +147,54 @@ def test_a_group_that_sqlite_rolled_back_whole_fails_whole_and_the_writer_goes_o
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_statements_said_to_the_driver_store_what_sqlalchemy_would(database_url: str) -> None:
+    # writer.execute skips SQLAlchemy's execution but not its conversions: the same statement, run both ways, stores
+    # the same values (Decimals, aware datetimes through UTCDateTime, JSON including a None, which JSON stores as
+    # 'null', not as SQL NULL) and answers the same RETURNING row.
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from sqlalchemy import Column, DateTime, Integer, MetaData, Numeric, String, Table, bindparam, insert, update
+    from sqlalchemy.types import JSON
+
+    from gateway.storage.models import UTCDateTime
+    from gateway.storage.writer import execute
+
+    table = Table(
+        "t_raw",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("amount", Numeric(14, 6)),
+        Column("at", UTCDateTime()),
+        Column("doc", JSON),
+        Column("note", String(20)),
+        Column("plain_at", DateTime(timezone=True)),
+    )
+    put = insert(table)
+    values = {"amount": bindparam("v_amount"), "doc": bindparam("v_doc")}
+    change = update(table).where(table.c.id == bindparam("g_id")).values(values)
+    change = change.returning(table.c.amount, table.c.at)
+    at = datetime(2026, 12, 6, 21, 30, 15, 123456, tzinfo=UTC)
+    row = {"amount": Decimal("12.345678"), "at": at, "doc": {"é": [1, None]}, "note": None, "plain_at": at}
+
+    async def main() -> None:
+        async with open_database(database_url) as engine:
+            sessions = session_factory(engine)
+            await transact(sessions, lambda conn: table.create(conn))
+
+            def both(conn: Connection) -> list[object]:
+                answers = []
+                for n, run in ((1, execute), (2, Connection.execute)):
+                    run(conn, put, row | {"id": n})
+                    given = {"g_id": n, "v_amount": Decimal("-0.000001"), "v_doc": None}
+                    answers.append(tuple(run(conn, change, given).first()))
+                stored = conn.execute(text("SELECT amount, at, doc, note, plain_at FROM t_raw ORDER BY id")).all()
+                return [*answers, *[tuple(str(v) for v in r) for r in stored]]
+
+            raw_answer, sa_answer, raw_row, sa_row = await transact(sessions, both)
+            assert raw_answer == sa_answer == (Decimal("-0.000001"), at)
+            assert raw_row == sa_row
+
+    asyncio.run(main())

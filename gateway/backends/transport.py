@@ -66,7 +66,9 @@ def _reraise(exc: Exception, request: httpx.Request) -> NoReturn:
     translated = _translated(exc, request)
     if translated is exc:
         raise exc
-    if isinstance(translated, httpx.ProxyError):  # the cause's text carries the proxy's credentials
+    if isinstance(translated, httpx.ProxyError):
+        # The original's text carries the proxy's URL, credentials and all: not chained (and, raised outside an
+        # except block by the callers that can meet a proxy, not reachable as its __context__ either).
         raise translated from None
     raise translated from exc
 
@@ -161,10 +163,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 raise httpx.LocalProtocolError(f"Illegal header {name!r}", request=request)
         if body and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(body))))
+        failed: Exception | None = None
         try:
             response = await self._send(request.method, request.url, headers, body, timeout)
         except Exception as exc:
-            _reraise(exc, request)
+            failed = exc
+        if failed is not None:  # raised here, outside the except: a refused proxy's error then carries nothing of it
+            _reraise(failed, request)
         return httpx.Response(
             response.status,
             headers=[(k, v) for k, v in response.raw_headers],
@@ -255,6 +260,7 @@ class AiohttpClient(httpx.AsyncClient):
         spans = self.timeout if timeout is httpx.USE_CLIENT_DEFAULT else httpx.Timeout(timeout)
         limits = aiohttp.ClientTimeout(total=None, sock_connect=spans.connect, sock_read=spans.read)
         request = httpx.Request(method, target)  # for the answer and the errors (what was sent is above)
+        failed: Exception | None = None
         try:
             response = await self._aio._send(method, target, list(sent.values()), body, limits)
             try:
@@ -262,5 +268,7 @@ class AiohttpClient(httpx.AsyncClient):
             finally:
                 response.release()
         except Exception as exc:
-            _reraise(exc, request)
+            failed = exc
+        if failed is not None:  # as in handle_async_request
+            _reraise(failed, request)
         return httpx.Response(response.status, headers=list(response.raw_headers), content=payload, request=request)

@@ -172,7 +172,8 @@ def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
 # costs several times what SQLite takes to run a statement, and the writer runs a dozen per generation. ``execute``
 # compiles a prebuilt Core statement once, with SQLAlchemy's own compiler and its types' own parameter and result
 # conversions, and then hands the SQL and the converted parameters to the driver. Statements that need more of
-# SQLAlchemy (Python-side column defaults, expanding IN lists) and every other database take the usual way.
+# SQLAlchemy (Python-side column defaults, expanding IN lists), and connections not marked for it (db.allow_raw: the
+# writer's and PostgreSQL's are), take the usual way.
 
 
 @dataclass
@@ -216,7 +217,7 @@ def _values(plan: _Plan, params: dict[str, Any]) -> tuple[Any, ...]:
     out = []
     for name, convert in zip(plan.order, plan.convert, strict=True):
         value = params[name] if name in params else plan.literal[name]
-        out.append(convert(value) if convert is not None and value is not None else value)
+        out.append(convert(value) if convert is not None else value)  # None too: JSON's None is 'null'
     return tuple(out)
 
 
@@ -247,7 +248,7 @@ def execute(conn: Connection, stmt: Executable, params: dict[str, Any] | list[di
     if not batch or any(frozenset(p) != keys for p in batch):
         return conn.execute(stmt, params)
     dialect = conn.dialect
-    key = (id(stmt), dialect.name, keys)
+    key = (id(stmt), f"{dialect.name}+{dialect.driver}", keys)
     cached = _PLANS.get(key)
     if cached is None or cached[0] is not stmt:
         cached = _PLANS[key] = (stmt, _plan(stmt, keys, dialect))
