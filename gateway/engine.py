@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -146,7 +146,7 @@ class Engine:
             attempts=0,
             created_at=now,
             api=spec.api,
-            job=asdict(spec.job),
+            job=spec.job.as_dict(),
             route=str(spec.route),
             available_at=now,
             # A Cancel-After beyond the timeout wins: the client asked for that long.

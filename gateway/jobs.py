@@ -23,7 +23,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway import webhooks
-from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult, ProviderBackend
+from gateway.backends.base import Backend, BackendInputError, ImageJob, ImageResult, is_provider
 from gateway.backends.remote import with_deadline
 from gateway.errors import (
     BackendBusy,
@@ -374,7 +374,7 @@ class JobRunner:
     ) -> tuple[Backend, ImageResult]:
         skip: set[str] = set()
         attached = self.backends.get(p.provider_backend or "")
-        if p.provider_ref is not None and isinstance(attached, ProviderBackend):
+        if p.provider_ref is not None and is_provider(attached):
             # A previous runner had submitted it: wait on that job instead of paying for another.
             await self._log(p, owner, logs, f"Re-attached to the job on {attached.name}.")
             attempts.append(tried := Attempt(attached.name))
@@ -444,7 +444,7 @@ class JobRunner:
         t0 = time.monotonic()
         timeout = self.attempt_timeout
         try:
-            if isinstance(backend, ProviderBackend):
+            if is_provider(backend):
                 if ref is None:
                     # The attempt's time covers the submit too: a provider that never answers it is a timeout.
                     ref = await with_deadline(
@@ -529,13 +529,13 @@ class JobRunner:
             log.exception("could not record the provider job of %s", p.id)
         if not held:  # nobody could re-attach to it: stop it rather than pay for it
             p.provider_backend, p.provider_ref = before
-            if ref is not None and isinstance(b := self.backends.get(backend), ProviderBackend):
+            if ref is not None and is_provider(b := self.backends.get(backend)):
                 await asyncio.shield(b.cancel(ref))
             raise LeaseLost(p.id)
 
     async def _cancel_provider_job(self, p: Prediction) -> None:
         backend = self.backends.get(p.provider_backend or "")
-        if p.provider_ref is not None and isinstance(backend, ProviderBackend):
+        if p.provider_ref is not None and is_provider(backend):
             await backend.cancel(p.provider_ref)
 
     async def _defer(self, p: Prediction, owner: str, seconds: float) -> Finished:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeGuard, runtime_checkable
 
 from gateway.errors import InvalidRequest
 
@@ -23,6 +23,10 @@ class ImageJob:
     guidance_scale: float | None = None
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = 90
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its fields (all plain values) as a dict: ``dataclasses.asdict`` without its deep copy, on every request."""
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -110,3 +114,16 @@ class ProviderBackend(Backend, Protocol):
     async def collect(self, job: ImageJob, ref: dict[str, Any], *, timeout: float) -> ImageResult: ...
 
     async def cancel(self, ref: dict[str, Any]) -> None: ...
+
+
+_PROVIDER_TYPES: dict[type, bool] = {}
+
+
+def is_provider(backend: object) -> TypeGuard[ProviderBackend]:
+    """``isinstance(backend, ProviderBackend)``, answered once per class: a runtime protocol check looks up every
+    method of the protocol each time, and the job path asks it on every attempt."""
+    kind = type(backend)
+    known = _PROVIDER_TYPES.get(kind)
+    if known is None:
+        known = _PROVIDER_TYPES[kind] = isinstance(backend, ProviderBackend)
+    return known

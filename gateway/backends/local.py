@@ -6,7 +6,6 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import ImageJob, ImageResult, Probe
@@ -103,7 +102,7 @@ class LocalBackend:
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
         """Queue the job on the worker thread and wait for it, at most ``timeout`` seconds."""
         try:
-            gen = await self.queue.submit(GenerateParams.of(**asdict(job)), timeout=timeout)
+            gen = await self.queue.submit(GenerateParams.of(**job.as_dict()), timeout=timeout)
         except QueueFull as exc:
             raise BackendBusy("The local backend's queue is full; retry later.", retry_after=exc.retry_after) from exc
         except NotLoaded as exc:

@@ -201,11 +201,14 @@ def normalise(blobs: list[bytes], output_format: str, quality: int, backend: str
 
 
 INLINE_DECODE_PIXELS = 256 * 256
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _cheap(blob: bytes, output_format: str) -> int:
     """The pixels ``normalise`` will decode, from the image's header: none for a PNG kept as it is (it is verified,
     not decoded), 0 for what is not an image (normalise says what is wrong with it)."""
+    if output_format == "png" and blob.startswith(PNG_SIGNATURE):
+        return 0  # without opening it: normalise reads its header anyway
     try:
         img = Image.open(io.BytesIO(blob))
     except Exception:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict
 
 import httpx
 
@@ -81,7 +80,7 @@ class WorkerBackend:
         return (await self.probe()).status in ("up", "unchecked")
 
     async def generate(self, job: ImageJob, *, timeout: float) -> ImageResult:
-        body = asdict(job) | {"timeout_s": max(1.0, timeout - 1.0)}
+        body = job.as_dict() | {"timeout_s": max(1.0, timeout - 1.0)}
         answer = await with_deadline(
             send(
                 self._client,
