@@ -32,7 +32,7 @@ from gateway.routing import Route
 from gateway.storage import ledger, queue, repo
 from gateway.storage.db import writing
 from gateway.storage.files import UrlSigner
-from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, utcnow
+from gateway.storage.models import IdempotencyKey, Prediction, StoredFile, new_id, transient, utcnow
 from gateway.storage.writer import transact
 
 IDEMPOTENCY_KEYS = cast(Table, IdempotencyKey.__table__)
@@ -131,34 +131,38 @@ class Engine:
         """
         now = utcnow()
         direct = not self._stopping and len(self._tasks) < self.concurrency
-        p = Prediction(
-            id=new_id("gen"),
-            tenant_id=principal.tenant.id,
-            api_key_id=principal.key.id,
-            model=spec.model,
-            status="processing" if direct else "starting",
-            prompt=spec.job.prompt,
-            params=spec.params | {"base_url": spec.base_url, "allowed_backends": principal.tenant.allowed_backends},
-            width=spec.job.width,
-            height=spec.job.height,
-            n=spec.job.n,
-            seed=spec.job.seed,
-            attempts=0,
-            created_at=now,
-            api=spec.api,
-            job=spec.job.as_dict(),
-            route=str(spec.route),
-            available_at=now,
-            # A Cancel-After beyond the timeout wins: the client asked for that long.
-            deadline_at=at(max(spec.timeout or self.timeout, spec.cancel_after or 0), now=now),
-            cancel_at=at(spec.cancel_after, now=now),
-            lease_owner=self.owner if direct else None,
-            lease_expires_at=at(self.lease_seconds, now=now) if direct else None,
-            started_at=now if direct else None,
-            cancel_requested=False,
-            logs="",
-            webhook=spec.webhook,
-            webhook_events=spec.webhook_events,
+        p = transient(
+            Prediction,
+            {
+                "id": new_id("gen"),
+                "tenant_id": principal.tenant.id,
+                "api_key_id": principal.key.id,
+                "model": spec.model,
+                "status": "processing" if direct else "starting",
+                "prompt": spec.job.prompt,
+                "params": spec.params
+                | {"base_url": spec.base_url, "allowed_backends": principal.tenant.allowed_backends},
+                "width": spec.job.width,
+                "height": spec.job.height,
+                "n": spec.job.n,
+                "seed": spec.job.seed,
+                "attempts": 0,
+                "created_at": now,
+                "api": spec.api,
+                "job": spec.job.as_dict(),
+                "route": str(spec.route),
+                "available_at": now,
+                # A Cancel-After beyond the timeout wins: the client asked for that long.
+                "deadline_at": at(max(spec.timeout or self.timeout, spec.cancel_after or 0), now=now),
+                "cancel_at": at(spec.cancel_after, now=now),
+                "lease_owner": self.owner if direct else None,
+                "lease_expires_at": at(self.lease_seconds, now=now) if direct else None,
+                "started_at": now if direct else None,
+                "cancel_requested": False,
+                "logs": "",
+                "webhook": spec.webhook,
+                "webhook_events": spec.webhook_events,
+            },
         )
         expired: datetime | None = None
         if idempotency is not None:

@@ -43,7 +43,7 @@ from gateway.settings import Cost
 from gateway.storage import queue, repo
 from gateway.storage.db import writing
 from gateway.storage.files import FileStore, StorageUnavailable
-from gateway.storage.models import Prediction, StoredFile, new_id, utcnow
+from gateway.storage.models import Prediction, StoredFile, new_id, transient, utcnow
 from gateway.storage.writer import transact
 
 log = logging.getLogger("hidream_gateway.jobs")
@@ -754,19 +754,23 @@ class JobRunner:
                 if isinstance(outcome, BaseException):
                     log.warning("could not delete %s, stored for %s", f.path, prediction.id, exc_info=outcome)
             raise errors[0]
+        now = utcnow()
         return [
-            StoredFile(
-                id=file_id,
-                tenant_id=prediction.tenant_id,
-                prediction_id=prediction.id,
-                position=position,
-                content_type=result.content_type,
-                size_bytes=f.size_bytes,
-                sha256=f.sha256,
-                path=f.path,
-                width=result.width,
-                height=result.height,
-                created_at=utcnow(),
+            transient(
+                StoredFile,
+                {
+                    "id": file_id,
+                    "tenant_id": prediction.tenant_id,
+                    "prediction_id": prediction.id,
+                    "position": position,
+                    "content_type": result.content_type,
+                    "size_bytes": f.size_bytes,
+                    "sha256": f.sha256,
+                    "path": f.path,
+                    "width": result.width,
+                    "height": result.height,
+                    "created_at": now,
+                },
             )
             for position, (file_id, f) in enumerate(zip(file_ids, saved, strict=True))
         ]
