@@ -160,7 +160,7 @@ def test_statements_said_to_the_driver_store_what_sqlalchemy_would(database_url:
     from sqlalchemy.types import JSON
 
     from gateway.storage.models import UTCDateTime
-    from gateway.storage.writer import execute
+    from gateway.storage.writer import Executed, execute
 
     table = Table(
         "t_raw",
@@ -189,7 +189,9 @@ def test_statements_said_to_the_driver_store_what_sqlalchemy_would(database_url:
                 for n, run in ((1, execute), (2, Connection.execute)):
                     run(conn, put, row | {"id": n})
                     given = {"g_id": n, "v_amount": Decimal("-0.000001"), "v_doc": None}
-                    answers.append(tuple(run(conn, change, given).first()))
+                    result = run(conn, change, given)
+                    assert isinstance(result, Executed) is (run is execute)  # the driver's way, on both databases
+                    answers.append(tuple(result.first()))
                 stored = conn.execute(text("SELECT amount, at, doc, note, plain_at FROM t_raw ORDER BY id")).all()
                 return [*answers, *[tuple(str(v) for v in r) for r in stored]]
 
