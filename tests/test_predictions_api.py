@@ -6,6 +6,7 @@ import base64
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -379,3 +380,82 @@ def test_a_prediction_no_backend_has_room_for_waits_its_turn(
         "/v1/images/generations", json={"prompt": "a fox"}, headers={"Authorization": f"Bearer {key}"}
     )
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "backend_busy" and "Retry-After" in busy.headers
+
+
+def _certificate_for(name: str, directory: Path) -> tuple[Path, tuple[str, str]]:
+    """A CA of its own and a certificate it signed for ``name`` (DNS name only): (the CA file, (cert, key))."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def made(subject: str, issuer: x509.Name | None, key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        now = datetime.now(UTC)
+        who = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(who)
+            .issuer_name(issuer or who)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+        else:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = made("test webhook CA", None, ca_key, ca_key, True)
+    leaf = made(name, ca.subject, leaf_key, ca_key, False)
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "cert.pem").write_bytes(leaf.public_bytes(pem))
+    (directory / "key.pem").write_bytes(
+        leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return directory / "ca.pem", (str(directory / "cert.pem"), str(directory / "key.pem"))
+
+
+def test_an_https_webhook_goes_to_the_checked_address_with_its_name_verified(
+    make_gateway: GatewayFactory, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sender connects to the address it checked, not to whatever the name resolves to later, and still checks
+    # the receiver's certificate against the name in the URL (SNI and hostname check): this certificate names
+    # "localhost" only, so a connection verified against the IP it went to would fail.
+    ca, tls = _certificate_for("localhost", tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the receiver's CA, for the sender's client (made at start-up)
+    calls: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: Any) -> Any:
+        from starlette.responses import Response
+
+        calls.append((dict(request.headers), await request.body()))
+        return Response(status_code=204)
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    with ServerThread(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), tls=tls) as receiver:
+        gw = make_gateway(sqlite_url, webhook_allowed_networks=["127.0.0.1/32", "::1/128"])
+        key = gw.create_tenant()["api_key"]
+        secret = gw.client.get("/v1/webhooks/default/secret", headers={"Authorization": f"Bearer {key}"}).json()
+        hook_url = f"https://localhost:{receiver.port}/hook"
+        p = _client(gw, key).predictions.create(
+            model=MODEL, input=INPUT, webhook=hook_url, webhook_events_filter=["completed"]
+        )
+        p.wait()
+        deadline = time.monotonic() + 20
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+    [(headers, body)] = calls
+    assert headers["host"] == f"localhost:{receiver.port}"
+    event = Webhook(secret["key"]).verify(body, headers)
+    assert event["id"] == p.id and event["status"] == "succeeded"

@@ -26,19 +26,21 @@ def free_port() -> int:
 class ServerThread:
     """Runs an ASGI app under uvicorn on a loopback port, in a background thread.
 
-    ``port`` stays the same across ``stop()`` and ``start()``, so a fake can go down and come back.
+    ``port`` stays the same across ``stop()`` and ``start()``, so a fake can go down and come back. ``tls``: a
+    certificate file and its key file, to serve HTTPS instead.
     """
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, *, tls: tuple[str, str] | None = None) -> None:
         self.app = app
         self.port = port
+        self.tls = tls
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
         self.sock: socket.socket | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> ServerThread:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -47,7 +49,8 @@ class ServerThread:
         self.port, self.sock = sock.getsockname()[1], sock
         # Idle connections are kept longer than httpx's pool keeps them (5 s), as real providers and CDNs do:
         # with equal timeouts, a request sent on a connection the server is closing that moment is reset.
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75)
+        certs = {"ssl_certfile": self.tls[0], "ssl_keyfile": self.tls[1]} if self.tls else {}
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75, **certs)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
