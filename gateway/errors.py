@@ -331,7 +331,7 @@ def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
     if error.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
-    if error.get("type") in ("model_attributes_type", "model_type"):
+    if error.get("type") == "model_attributes_type":
         return "The request body must be a JSON object.", None
     param = ".".join(loc) or None
     msg = error.get("msg", "Invalid value")

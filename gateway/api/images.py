@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from gateway.api.deps import PrincipalDep, SessionDep, StateDep, public_base_url
+from gateway.api.deps import PrincipalDep, SessionDep, StateDep, get_principal, get_state, public_base_url
 from gateway.api.serialize import Text
 from gateway.api.submit import idempotency, json_body, wait_while_connected
 from gateway.auth import Principal
@@ -250,9 +250,9 @@ async def create_image(request: Request) -> Response:
     The job is committed before it runs; this call waits on it. With an ``Idempotency-Key``, a retry after a
     timeout or a dropped connection gets the same job (and one charge) instead of a second one.
     """
-    state: AppState = request.app.state.hdg
+    state = await get_state(request)
     given = request.headers
-    principal = await state.authenticator.authenticate(state.sessions, given.get("authorization"))
+    principal = await get_principal(state, given.get("authorization"))
     payload, body = await json_body(request, ImageGenerationRequest)
     generated = await generate_image(
         body,

@@ -207,15 +207,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _cheap(blob: bytes, output_format: str) -> int:
     """The pixels ``normalise`` will decode, from the image's header: none for a PNG kept as it is (it is verified,
     not decoded), 0 for what is not an image (normalise says what is wrong with it)."""
-    if output_format == "png" and blob.startswith(PNG_SIGNATURE):
+    if output_format == "png" and blob.startswith(PNG_SIGNATURE):  # a PNG is one by its signature
         return 0  # without opening it: normalise reads its header anyway
     try:
-        img = Image.open(io.BytesIO(blob))
+        width, height = Image.open(io.BytesIO(blob)).size
     except Exception:
         return 0
-    if img.format == "PNG" and output_format == "png":
-        return 0
-    return int(img.size[0] * img.size[1])
+    return int(width * height)
 
 
 async def decode(blobs: list[bytes], output_format: str, quality: int, backend: str) -> Decoded:
