@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.telemetry import TelemetryConfig
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -35,7 +36,7 @@ from gateway.health import HealthBoard, probe_forever
 from gateway.jobs import JobRunner
 from gateway.limits import RateLimits
 from gateway.metrics import MULTIPROC_ENV, Metrics, MetricsMiddleware
-from gateway.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from gateway.middleware import BodyLimitMiddleware, DirectRoutes, RequestIdMiddleware
 from gateway.outbound import NetworkPolicy
 from gateway.settings import Settings
 from gateway.state import AppState
@@ -265,6 +266,8 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None,
     for module in (health, images, predictions, webhooks, files, usage, admin):
         app.include_router(module.router)
     console.install(app)
+    hot = [r for r in images.router.routes if isinstance(r, APIRoute) and r.endpoint is images.create_image]
+    app.add_middleware(DirectRoutes, routes=hot, handlers=app.exception_handlers)  # inside the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ConsoleHeadersMiddleware)  # outside the body limit: its 413 pages get the headers too
     app.add_middleware(RequestIdMiddleware)

@@ -1,10 +1,14 @@
-"""Pure ASGI middleware: request ids and the request body size limit."""
+"""Pure ASGI middleware: request ids, the request body size limit, and the busiest routes' direct dispatch."""
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
+from fastapi.routing import APIRoute
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import PayloadTooLarge, error_response
@@ -80,3 +84,38 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class DirectRoutes:
+    """Hand the busiest routes' requests straight to their endpoint, past Starlette's router and exception layer.
+
+    Routing and those layers are a wrapper, a scope copy and an exit stack per request: about a sixth of the event
+    loop's work on ``POST /v1/images/generations``, more than the endpoint spends before it waits on the job. Only
+    endpoints that take the bare ``Request`` (no dependencies, no path parameters) can be named. What is kept is what
+    the router gave them: ``scope["route"]`` (the metrics label it by its template), and the app's exception
+    handlers for what they raise (the catch-all one, for ``Exception``, is the outermost middleware's, as before).
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: list[APIRoute], handlers: Mapping[Any, Any]) -> None:
+        self.app = app
+        self.routes = {(method, route.path): route for route in routes for method in route.methods or ()}
+        self.handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http" and not scope.get("root_path"):
+            route = self.routes.get((scope["method"], scope["path"]))
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"], scope["endpoint"], scope["path_params"] = route, route.endpoint, {}
+        request = Request(scope, receive, send)
+        try:
+            response = await route.endpoint(request)
+        except Exception as exc:
+            handler = next((self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+            exc.__traceback__ = None  # as Starlette does: a reused exception would gather tracebacks
+        await response(scope, receive, send)

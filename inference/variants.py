@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,6 +55,7 @@ def variant_for_model(model_id: str) -> Variant | None:
     return MODEL_IDS.get(model_id)
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of two bounded sides, on every request's path
 def nearest_resolution(width: int, height: int) -> tuple[int, int]:
     """Map any requested size to the supported resolution with the closest aspect ratio.
 

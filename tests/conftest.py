@@ -15,6 +15,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.backends.local import LocalBackend, warm_up
+from gateway.middleware import DirectRoutes
 from gateway.settings import Settings
 from inference.runner import HiDreamRunner
 from inference.serving import GenerationQueue
@@ -125,6 +126,7 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
         queue_size: int = 8,
         backend: Any = None,
         from_settings: bool = False,
+        direct: bool = True,
         **overrides: Any,
     ) -> Gateway:
         fields = {"data_dir": tmp_path / f"data{len(stack)}", "admin_token": ADMIN_TOKEN} | overrides
@@ -137,7 +139,10 @@ def make_gateway(runner: HiDreamRunner, tmp_path: Path) -> Iterator[GatewayFacto
                 b.start()
         backend = chain[-1] if isinstance(backend, list) else backend
         # from_settings: the app builds its backends from HDG_BACKENDS itself (remote ones, in these tests).
-        server = ServerThread(create_app(settings, backends=None if from_settings else chain)).start()
+        app = create_app(settings, backends=None if from_settings else chain)
+        if not direct:  # every route through FastAPI's router, the images route too (see DirectRoutes)
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not DirectRoutes]
+        server = ServerThread(app).start()
         url = f"http://127.0.0.1:{server.port}"
         client = httpx.Client(base_url=url, timeout=120)
         stack.append((server, backend, client))

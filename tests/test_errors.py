@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Gateway
+from tests.conftest import FAST, Gateway
 
 
 def _post(gw: Gateway, key: str, content: bytes | str, content_type: str = "application/json") -> httpx.Response:
@@ -141,3 +141,44 @@ def test_no_client_input_causes_a_500(sqlite_gateway: Gateway, body: dict[str, A
     assert resp.status_code < 500, resp.text
     if resp.status_code != 200:
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_images_route_answers_the_same_past_the_router(make_gateway: Any, tmp_path: Any) -> None:
+    # DirectRoutes hands POST /v1/images/generations to its endpoint without FastAPI's router and exception layer.
+    # The same requests, to a gateway without it, get the same answers: errors by the same handlers, the route's
+    # metrics label, the request id, the body limit in front of it, and an unknown method still refused.
+    direct = make_gateway(f"sqlite+aiosqlite:///{tmp_path / 'direct.db'}")
+    routed = make_gateway(f"sqlite+aiosqlite:///{tmp_path / 'routed.db'}", direct=False)
+    cases: list[tuple[str, bytes, dict[str, str]]] = [
+        ("POST", json.dumps({"prompt": "x", "n": 9}).encode(), {}),
+        ("POST", json.dumps({"model": "dall-e-3", "prompt": "x"}).encode(), {}),
+        ("POST", b"{not json", {}),
+        ("POST", b"prompt=x", {"Content-Type": "application/x-www-form-urlencoded"}),
+        ("POST", json.dumps({"prompt": "x" * 70_000}).encode(), {}),  # over HDG_MAX_BODY_BYTES
+        ("POST", json.dumps({"prompt": "x"}).encode(), {"Authorization": "Bearer sk-hdg-nope"}),
+        ("POST", json.dumps({"prompt": "x"}).encode(), {"Authorization": ""}),
+        ("POST", json.dumps({"prompt": "x", "num_inference_steps": 1}).encode(), {"X-HDG-Route": "nowhere"}),
+        ("PUT", json.dumps({"prompt": "x"}).encode(), {}),
+        ("POST", json.dumps({**FAST, "prompt": "a fox"}).encode(), {"X-Request-Id": "same-id-1"}),
+    ]
+    answers = []
+    for gw in (direct, routed):
+        key = gw.create_tenant()["api_key"]
+        seen = []
+        for method, content, extra in cases:
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"} | extra
+            headers = {k: v for k, v in headers.items() if v}
+            resp = gw.client.request(method, "/v1/images/generations", content=content, headers=headers)
+            body = resp.json()
+            shape = body["error"] if "error" in body else sorted(body) + sorted(body["data"][0])
+            seen.append((resp.status_code, resp.headers["content-type"], "x-request-id" in resp.headers, shape))
+        assert seen[-1][0] == 200 and resp.headers["x-request-id"] == "same-id-1"
+        metrics = gw.client.get("/metrics").text
+        route = 'route="/v1/images/generations"'
+        counted = [
+            line for line in metrics.splitlines() if line.startswith("hdg_http_requests_total{") and route in line
+        ]
+        answers.append((seen, sorted(line.rsplit(" ", 1)[0] for line in counted)))
+    assert answers[0] == answers[1]
+    statuses = [status for status, *_ in answers[0][0]]
+    assert statuses == [400, 404, 400, 415, 413, 401, 401, 400, 405, 200]

@@ -200,3 +200,21 @@ def test_statements_said_to_the_driver_store_what_sqlalchemy_would(database_url:
             assert raw_row == sa_row
 
     asyncio.run(main())
+
+
+def test_work_after_the_engine_is_disposed_starts_no_writer_that_nothing_would_close(sqlite_url: str) -> None:
+    # The writer's thread and connection close with the engine. The engine itself may be used again after a dispose
+    # (SQLAlchemy reconnects): that work still commits, on the async engine, and leaves no writer thread behind.
+    async def main() -> None:
+        engine = create_engine(sqlite_url)
+        sessions = session_factory(engine)
+        await transact(sessions, lambda conn: conn.execute(text("CREATE TABLE t_after (n INTEGER)")))
+        assert isinstance(_WRITERS[engine.sync_engine], SqliteWriter)
+        await engine.dispose()
+        await transact(sessions, lambda conn: conn.execute(text("INSERT INTO t_after (n) VALUES (7)")))
+        assert _WRITERS[engine.sync_engine] is None  # no new writer: the disposed one is not replaced
+        async with sessions() as session:
+            assert (await session.scalars(text("SELECT n FROM t_after"))).all() == [7]
+        await engine.dispose()
+
+    asyncio.run(main())

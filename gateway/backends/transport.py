@@ -225,6 +225,17 @@ class AiohttpClient(httpx.AsyncClient):
         self._aio = AiohttpTransport(max_connections=max_connections)
         super().__init__(timeout=timeout, headers=headers, transport=self._aio)
         self.cookies.jar.set_policy(_NoCookies())  # for the calls httpx sends (streams, unusual arguments)
+        self._urls: dict[str, httpx.URL] = {}  # parsed once: a backend calls the same few URLs over and over
+
+    def _url(self, url: httpx.URL | str) -> httpx.URL:
+        if not isinstance(url, str):
+            return httpx.URL(url)
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= 256:  # ids in paths make new ones: keep the newest few
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     async def request(  # type: ignore[override]
         self,
@@ -246,7 +257,7 @@ class AiohttpClient(httpx.AsyncClient):
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
         method = method.upper()
-        target = httpx.URL(url)
+        target = self._url(url)
         # By lower-case name, as httpx merges them: the call's own replace the client's, in the call's spelling.
         sent = {k.decode().lower(): (k.decode(), v.decode("latin-1")) for k, v in self.headers.raw}
         for name, value in (headers or {}).items():

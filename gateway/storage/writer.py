@@ -270,23 +270,25 @@ def execute(conn: Connection, stmt: Executable, params: dict[str, Any] | list[di
         cursor.close()
 
 
-_WRITERS: weakref.WeakKeyDictionary[Any, SqliteWriter] = weakref.WeakKeyDictionary()
+_WRITERS: weakref.WeakKeyDictionary[Any, SqliteWriter | None] = weakref.WeakKeyDictionary()
 
 
 def _writer(bind: AsyncEngine) -> SqliteWriter | None:
     if bind.dialect.name != "sqlite" or bind.url.database in (None, "", ":memory:"):
         return None
     key = bind.sync_engine
-    writer = _WRITERS.get(key)
-    if writer is None:
-        writer = _WRITERS[key] = SqliteWriter(bind)
-        # Disposing of the gateway's engine (at shutdown, or between tests) closes its writer too.
-        event.listen(key, "engine_disposed", lambda _engine: _close(key))
+    if key in _WRITERS:
+        return _WRITERS[key]
+    writer = _WRITERS[key] = SqliteWriter(bind)
+    # Disposing of the gateway's engine (at shutdown, or between tests) closes its writer too.
+    event.listen(key, "engine_disposed", lambda _engine: _close(key))
     return writer
 
 
 def _close(key: Any) -> None:
-    writer = _WRITERS.pop(key, None)
+    # A transaction after the dispose (the engine reconnects when used again) takes the async engine's way rather
+    # than starting a writer that nothing would close.
+    writer, _WRITERS[key] = _WRITERS.get(key), None
     if writer is not None:
         writer.close()
 
