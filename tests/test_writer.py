@@ -218,3 +218,33 @@ def test_work_after_the_engine_is_disposed_starts_no_writer_that_nothing_would_c
         await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_begin_that_finds_the_database_locked_fails_as_sqlalchemys_error_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    # Another process holds SQLite's write lock past the busy timeout: the caller gets SQLAlchemy's OperationalError
+    # (the job engine retries those as transient), and the writer takes the next work once the lock is free.
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/locked.db")
+        writer = SqliteWriter(engine)
+        other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+        try:
+            await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER)"))
+            await writer.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout=50"))
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(OperationalError, match="locked"):
+                await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (1)"))
+            other.execute("ROLLBACK")
+            assert await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (2)").rowcount) == 1
+            assert await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all()) == [2]
+        finally:
+            other.close()
+            writer.close()
+            await engine.dispose()
+
+    asyncio.run(main())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
@@ -71,9 +72,12 @@ class SqliteWriter:
             connect_args={"timeout": 30, "isolation_level": None, "check_same_thread": False},
         )
         event.listen(self.engine, "connect", sqlite_pragmas)
-        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(self.engine, "begin", _begin_immediate)
         allow_raw(self.engine)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
+        # Kept checked out between groups (used on the writer's thread only): a checkout and a check-in per group
+        # cost more than a small group's statements. Given back when a BEGIN or COMMIT fails, in case it broke.
+        self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._pending: list[_Work[Any]] = []
         self._draining = False
@@ -106,8 +110,11 @@ class SqliteWriter:
 
     def _commit(self, group: list[_Work[Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        conn = self._conn
         try:
-            with self.engine.begin() as conn:
+            with conn.begin():
                 if len(group) == 1:  # alone: no savepoint needed, the transaction is the unit
                     outcomes.append((True, group[0].work(conn)))
                 else:
@@ -131,12 +138,32 @@ class SqliteWriter:
                             raw.execute("RELEASE SAVEPOINT hdg_piece")
                             outcomes.append((True, value))
         except Exception as exc:  # BEGIN or COMMIT failed, or the one piece raised: none of it is known to have landed
+            self._give_back()
             return [(False, exc)] * len(group)
         return outcomes
 
+    def _give_back(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # it is broken: the pool discards it
+                conn.close()
+
     def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the thread is gone already
+            self._thread.submit(self._give_back)
         self._thread.shutdown(wait=True)
         self.engine.dispose()
+
+
+def _begin_immediate(conn: Connection) -> None:
+    """Begin the writer's transactions with the write lock taken; said to the driver (the statement needs nothing
+    of SQLAlchemy's), its errors raised as SQLAlchemy's as the rest of the writer's are."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
 
 
 def _in_transaction(conn: Connection) -> bool:
