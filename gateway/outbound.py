@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +49,13 @@ def _origin(url: httpx.URL) -> tuple[str, str, int]:
     return url.scheme, url.host.lower().rstrip("."), url.port or DEFAULT_PORTS.get(url.scheme, 0)
 
 
+# A backslash, whitespace (\s is str.isspace(): Unicode's too) or a control character: parsers disagree on these.
+_UNSAFE = re.compile(r"[\\\s\x00-\x1f\x7f]")
+
+
 def _parse(url: str) -> httpx.URL | None:
     """The URL as httpx (which will send it) reads it, or None when it has a shape that parsers disagree on."""
-    if len(url) > MAX_URL_CHARS or "\\" in url or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in url):
+    if len(url) > MAX_URL_CHARS or _UNSAFE.search(url):
         return None
     try:
         parsed = httpx.URL(url)

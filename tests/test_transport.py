@@ -297,3 +297,32 @@ def test_a_proxys_refusal_carries_none_of_its_credentials_anywhere_in_the_chain(
             seen = seen.__cause__ or seen.__context__
 
     asyncio.run(main())
+
+
+def test_a_download_sent_past_httpxs_client_layer_answers_as_httpx_does(server: ServerThread) -> None:
+    # ProviderGate.download builds a request and sends it with auth=None, no redirects, streamed: AiohttpClient hands
+    # that straight to its transport. httpx's own client gets the same answers for it: the body decoded (and read
+    # as a stream, so a cap can count decoded bytes), a redirect returned rather than followed, what was sent.
+    async def main() -> None:
+        async with httpx.AsyncClient() as plain, AiohttpClient(timeout=httpx.Timeout(5.0)) as short:
+            for path in ("/gzip", "/moved", "/chunks", "/seen", "/cookie"):
+                answers = []
+                for client in (plain, short):
+                    request = client.build_request("GET", f"{server.url}{path}", timeout=5)
+                    resp = await client.send(request, auth=None, follow_redirects=False, stream=True)
+                    try:
+                        body = b"".join([chunk async for chunk in resp.aiter_bytes()])
+                    finally:
+                        await resp.aclose()
+                    answers.append((resp.status_code, resp.headers.get("location"), body, resp.request is request))
+                assert answers[0] == answers[1], path
+                assert answers[1][3]
+            assert not short.cookies  # the provider's cookie was not kept
+            unread = await short.send(
+                short.build_request("GET", f"{server.url}/gzip"), auth=None, follow_redirects=False
+            )
+            assert unread.content == b"x" * 100_000 and unread.is_closed  # not streamed: read whole, as httpx does
+        with pytest.raises(RuntimeError, match="closed"):
+            await short.send(short.build_request("GET", f"{server.url}/seen"), auth=None, follow_redirects=False)
+
+    asyncio.run(main())

@@ -237,6 +237,34 @@ class AiohttpClient(httpx.AsyncClient):
             parsed = self._urls[url] = httpx.URL(url)
         return parsed
 
+    async def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        """httpx's ``send``; a request sent with ``auth=None`` and ``follow_redirects=False`` (an output download)
+        goes straight to the transport, past httpx's auth, redirect, cookie and hook layers, which would do nothing
+        for it. Its response has no ``elapsed``."""
+        if auth is not None or follow_redirects is not False or request.url.userinfo or self._has_hooks():
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await self._aio.handle_async_request(request)
+        response.request = request
+        response.default_encoding = self._default_encoding
+        if not stream:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
+
+    def _has_hooks(self) -> bool:
+        return any(self.event_hooks.values())
+
     async def request(  # type: ignore[override]
         self,
         method: str,
