@@ -266,8 +266,9 @@ def create_app(settings: Settings, *, backends: Sequence[Backend] | None = None,
     for module in (health, images, predictions, webhooks, files, usage, admin):
         app.include_router(module.router)
     console.install(app)
-    hot = [r for r in images.router.routes if isinstance(r, APIRoute) and r.endpoint is images.create_image]
-    app.add_middleware(DirectRoutes, routes=hot, handlers=app.exception_handlers)  # inside the body limit
+    if not settings.otel:  # FastAPI's tracing names a request's span in its router: with it on, the router does
+        hot = [r for r in images.router.routes if isinstance(r, APIRoute) and r.endpoint is images.create_image]
+        app.add_middleware(DirectRoutes, routes=hot, handlers=app.exception_handlers)  # inside the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ConsoleHeadersMiddleware)  # outside the body limit: its 413 pages get the headers too
     app.add_middleware(RequestIdMiddleware)

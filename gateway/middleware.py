@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -98,8 +100,13 @@ class DirectRoutes:
 
     def __init__(self, app: ASGIApp, *, routes: list[APIRoute], handlers: Mapping[Any, Any]) -> None:
         self.app = app
+        for route in routes:
+            d = route.dependant
+            if d.dependencies or d.path_params or d.query_params or d.header_params or d.body_params or d.cookie_params:
+                raise ValueError(f"{route.path}: only an endpoint of a bare Request can be dispatched directly")
         self.routes = {(method, route.path): route for route in routes for method in route.methods or ()}
         self.handlers = {k: v for k, v in handlers.items() if isinstance(k, type) and k is not Exception}
+        self.status_handlers = {k: v for k, v in handlers.items() if isinstance(k, int)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
@@ -112,10 +119,16 @@ class DirectRoutes:
         request = Request(scope, receive, send)
         try:
             response = await route.endpoint(request)
-        except Exception as exc:
-            handler = next((self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None)
+        except Exception as exc:  # answered as Starlette's exception middleware would
+            handler = self.status_handlers.get(exc.status_code) if isinstance(exc, HTTPException) else None
+            if handler is None:
+                handler = next((self.handlers[c] for c in type(exc).__mro__ if c in self.handlers), None)
             if handler is None:
                 raise
-            response = await handler(request, exc)
+            response = handler(request, exc)
+            if inspect.isawaitable(response):  # the app's handlers are coroutines; a plain function answers at once
+                response = await response
             exc.__traceback__ = None  # as Starlette does: a reused exception would gather tracebacks
+            if response is None:
+                return
         await response(scope, receive, send)

@@ -182,3 +182,24 @@ def test_the_images_route_answers_the_same_past_the_router(make_gateway: Any, tm
     assert answers[0] == answers[1]
     statuses = [status for status, *_ in answers[0][0]]
     assert statuses == [400, 404, 400, 415, 413, 401, 401, 400, 405, 200]
+
+
+def test_direct_dispatch_takes_only_bare_request_endpoints_and_steps_aside_for_telemetry(tmp_path: Any) -> None:
+    from fastapi import APIRouter, FastAPI
+
+    from gateway.app import create_app
+    from gateway.middleware import DirectRoutes
+    from gateway.settings import Settings
+
+    router = APIRouter()
+
+    @router.post("/v1/things/{thing_id}")
+    async def thing(thing_id: str) -> dict[str, str]:
+        return {"id": thing_id}
+
+    with pytest.raises(ValueError, match="bare Request"):
+        DirectRoutes(FastAPI(), routes=list(router.routes), handlers={})  # type: ignore[arg-type]
+    # FastAPI's tracing names a request's span in its router, so with it on every request goes through the router.
+    for otel, present in ((False, True), (True, False)):
+        app = create_app(Settings(data_dir=tmp_path / str(otel), otel=otel))
+        assert any(m.cls is DirectRoutes for m in app.user_middleware) is present

@@ -324,5 +324,9 @@ def test_a_download_sent_past_httpxs_client_layer_answers_as_httpx_does(server: 
             assert unread.content == b"x" * 100_000 and unread.is_closed  # not streamed: read whole, as httpx does
         with pytest.raises(RuntimeError, match="closed"):
             await short.send(short.build_request("GET", f"{server.url}/seen"), auth=None, follow_redirects=False)
+        # A request made without the client carries no timeout of its own: the client's applies, as in httpx.
+        async with AiohttpClient(timeout=httpx.Timeout(0.3)) as hasty:
+            with pytest.raises(httpx.ReadTimeout):
+                await hasty.send(httpx.Request("GET", f"{server.url}/slow"), auth=None, follow_redirects=False)
 
     asyncio.run(main())

@@ -248,3 +248,33 @@ def test_a_begin_that_finds_the_database_locked_fails_as_sqlalchemys_error_and_t
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_broken_connection_is_dropped_and_a_closed_writer_refuses_work(tmp_path: Path) -> None:
+    # The writer keeps its connection between groups: one the driver reports broken is replaced at the next group.
+    # Once closed, the writer refuses work at once (it does not queue it for a thread that is gone).
+    from sqlalchemy.exc import DBAPIError
+
+    async def main() -> None:
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/broken.db")
+        writer = SqliteWriter(engine)
+        try:
+            await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER)"))
+
+            def breaks(c: Connection) -> None:
+                raw = c.connection.driver_connection
+                assert raw is not None
+                raw.close()  # as if the connection had died under it
+
+            with pytest.raises(DBAPIError):
+                await writer.run(breaks)
+            assert await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (1)").rowcount) == 1
+            assert await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all()) == [1]
+        finally:
+            writer.close()
+            await engine.dispose()
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="closed"):
+                await asyncio.wait_for(writer.run(lambda c: None), 5)
+
+    asyncio.run(main())

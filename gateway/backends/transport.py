@@ -252,6 +252,8 @@ class AiohttpClient(httpx.AsyncClient):
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         if self.is_closed:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
+        if "timeout" not in request.extensions:  # as httpx's send: the client's timeout, unless the request has one
+            request.extensions = {**request.extensions, "timeout": self.timeout.as_dict()}
         response = await self._aio.handle_async_request(request)
         response.request = request
         response.default_encoding = self._default_encoding

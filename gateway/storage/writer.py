@@ -76,8 +76,10 @@ class SqliteWriter:
         allow_raw(self.engine)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
         # Kept checked out between groups (used on the writer's thread only): a checkout and a check-in per group
-        # cost more than a small group's statements. Given back when a BEGIN or COMMIT fails, in case it broke.
+        # cost more than a small group's statements. Dropped when the driver says it is broken (or SQLAlchemy has
+        # invalidated it); the next group then opens a fresh one.
         self._conn: Connection | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._pending: list[_Work[Any]] = []
         self._draining = False
@@ -86,6 +88,8 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
+            if self._closed:
+                raise RuntimeError("The SQLite writer is closed.")
             self._pending.append(_Work(work, future, loop))
             start, self._draining = not self._draining, True
         if start:
@@ -138,20 +142,25 @@ class SqliteWriter:
                             raw.execute("RELEASE SAVEPOINT hdg_piece")
                             outcomes.append((True, value))
         except Exception as exc:  # BEGIN or COMMIT failed, or the one piece raised: none of it is known to have landed
-            self._give_back()
+            if conn.invalidated or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+                self._drop(broken=True)
             return [(False, exc)] * len(group)
         return outcomes
 
-    def _give_back(self) -> None:
+    def _drop(self, *, broken: bool) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):  # it is broken: the pool discards it
+            with contextlib.suppress(Exception):
+                if broken:
+                    conn.invalidate()  # the pool then opens a new connection (with its pragmas) for the next group
                 conn.close()
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the thread is gone already
-            self._thread.submit(self._give_back)
+        """Commit what was queued, then stop; work offered afterwards is refused (RuntimeError)."""
+        with self._lock:
+            self._closed = True
         self._thread.shutdown(wait=True)
+        self._drop(broken=False)  # the thread has ended: nothing else uses the connection now
         self.engine.dispose()
 
 
@@ -163,7 +172,10 @@ def _begin_immediate(conn: Connection) -> None:
     try:
         raw.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
-        raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+        gone = conn.dialect.is_disconnect(exc, raw, None)  # type: ignore[arg-type]  # (a closed connection)
+        raise DBAPIError.instance(
+            "BEGIN IMMEDIATE", None, exc, sqlite3.Error, connection_invalidated=gone, dialect=conn.dialect
+        ) from exc
 
 
 def _in_transaction(conn: Connection) -> bool:
