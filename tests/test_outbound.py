@@ -21,6 +21,7 @@ from gateway.backends import replicate as replicate_backend
 from gateway.backends.base import ImageJob
 from gateway.backends.fal import FalBackend
 from gateway.backends.replicate import ReplicateBackend
+from gateway.backends.transport import AiohttpClient
 from gateway.errors import BackendFailed
 from gateway.outbound import NetworkPolicy, ProviderGate, UnsafeUrl
 from gateway.settings import Settings
@@ -370,7 +371,8 @@ def _replicate(client: httpx.AsyncClient, fake: FakeReplicate, **kwargs: Any) ->
 
 def _generate(fake: FakeReplicate, **kwargs: Any) -> Any:
     async def run() -> Any:
-        async with httpx.AsyncClient() as client:
+        # The gateway's own client: its downloads go to aiohttp past httpx's client layer (AiohttpClient.send).
+        async with AiohttpClient(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
             return await _replicate(client, fake, **kwargs).generate(JOB, timeout=10)
 
     return asyncio.run(run())
@@ -458,3 +460,19 @@ def test_unsafe_url_renders_as_a_client_error() -> None:
         "param": "webhook",
         "code": "unsafe_url",
     }
+
+
+def test_a_url_with_whitespace_a_control_or_a_backslash_anywhere_is_never_fetched() -> None:
+    # Parsers disagree on these (one strips a tab, another splits at it), so the gate refuses them outright. Every
+    # code point Python counts as whitespace is one of them, Unicode's too, and every control character.
+    gate = ProviderGate(
+        "replicate", api_base="https://api.replicate.com", output_hosts=["replicate.delivery"], max_bytes=1, timeout=1
+    )
+    assert gate.check_output("https://replicate.delivery/a.png").host == "replicate.delivery"
+    refused = [chr(i) for i in range(0x110000) if chr(i).isspace() or i < 0x20 or i == 0x7F] + ["\\"]
+    assert len(refused) > 50
+    for c in refused:
+        with pytest.raises(BackendFailed):
+            gate.check_output(f"https://replicate.delivery/a{c}b.png")
+        with pytest.raises(BackendFailed):
+            gate.api_url(f"https://api.replicate.com/v1/predictions/{c}x")

@@ -250,8 +250,8 @@ def test_a_begin_that_finds_the_database_locked_fails_as_sqlalchemys_error_and_t
     asyncio.run(main())
 
 
-def test_a_broken_connection_is_dropped_and_a_closed_writer_refuses_work(tmp_path: Path) -> None:
-    # The writer keeps its connection between groups: one the driver reports broken is replaced at the next group.
+def test_a_broken_connection_is_replaced_and_a_closed_writer_refuses_work(tmp_path: Path) -> None:
+    # The writer keeps its connection between groups: one that broke is replaced by the next group's.
     # Once closed, the writer refuses work at once (it does not queue it for a thread that is gone).
     from sqlalchemy.exc import DBAPIError
 

@@ -248,10 +248,9 @@ class AiohttpClient(httpx.AsyncClient):
         """httpx's ``send``; a request sent with ``auth=None`` and ``follow_redirects=False`` (an output download)
         goes straight to the transport, past httpx's auth, redirect, cookie and hook layers, which would do nothing
         for it. Its response has no ``elapsed``."""
-        if auth is not None or follow_redirects is not False or request.url.userinfo or self._has_hooks():
+        if auth is not None or follow_redirects is not False or request.url.userinfo or any(self.event_hooks.values()):
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
-        if self.is_closed:
-            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        self._refuse_if_closed()
         if "timeout" not in request.extensions:  # as httpx's send: the client's timeout, unless the request has one
             request.extensions = {**request.extensions, "timeout": self.timeout.as_dict()}
         response = await self._aio.handle_async_request(request)
@@ -264,8 +263,9 @@ class AiohttpClient(httpx.AsyncClient):
                 await response.aclose()
         return response
 
-    def _has_hooks(self) -> bool:
-        return any(self.event_hooks.values())
+    def _refuse_if_closed(self) -> None:
+        if self.is_closed:  # as httpx refuses (aiohttp would open a new session)
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
 
     async def request(  # type: ignore[override]
         self,
@@ -284,8 +284,7 @@ class AiohttpClient(httpx.AsyncClient):
             return await super().request(
                 method, url, content=content, json=json, headers=headers, timeout=timeout, **other
             )
-        if self.is_closed:
-            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        self._refuse_if_closed()
         method = method.upper()
         target = self._url(url)
         # By lower-case name, as httpx merges them: the call's own replace the client's, in the call's spelling.

@@ -126,7 +126,7 @@ def _reserve_month(
     if dialect == "postgresql":
         # One hold at a time per owner, whatever the month: the guard's reads of the other months then see every
         # committed hold (two holds on different month rows would not wait on each other's row lock).
-        conn.execute(_advisory_lock(owner), params)
+        execute(conn, _advisory_lock(owner), params)
     # One guarded update: on PostgreSQL a concurrent reservation of the same row waits for this one's commit, then
     # the guard is evaluated again on the row as that commit left it, so two jobs can't both take the last dollar.
     # (The subqueries are read once, before that wait: other months' holds can only have shrunk meanwhile, since

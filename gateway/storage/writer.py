@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import threading
 import weakref
 from collections.abc import Callable
@@ -72,12 +71,12 @@ class SqliteWriter:
             connect_args={"timeout": 30, "isolation_level": None, "check_same_thread": False},
         )
         event.listen(self.engine, "connect", sqlite_pragmas)
-        event.listen(self.engine, "begin", _begin_immediate)
+        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         allow_raw(self.engine)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
         # Kept checked out between groups (used on the writer's thread only): a checkout and a check-in per group
-        # cost more than a small group's statements. Dropped when the driver says it is broken (or SQLAlchemy has
-        # invalidated it); the next group then opens a fresh one.
+        # cost more than a small group's statements. One the driver reports broken, SQLAlchemy invalidates, and the
+        # next group's begin opens a fresh one.
         self._conn: Connection | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -142,40 +141,18 @@ class SqliteWriter:
                             raw.execute("RELEASE SAVEPOINT hdg_piece")
                             outcomes.append((True, value))
         except Exception as exc:  # BEGIN or COMMIT failed, or the one piece raised: none of it is known to have landed
-            if conn.invalidated or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-                self._drop(broken=True)
             return [(False, exc)] * len(group)
         return outcomes
-
-    def _drop(self, *, broken: bool) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                if broken:
-                    conn.invalidate()  # the pool then opens a new connection (with its pragmas) for the next group
-                conn.close()
 
     def close(self) -> None:
         """Commit what was queued, then stop; work offered afterwards is refused (RuntimeError)."""
         with self._lock:
             self._closed = True
         self._thread.shutdown(wait=True)
-        self._drop(broken=False)  # the thread has ended: nothing else uses the connection now
+        if self._conn is not None:  # the thread has ended: nothing else uses the connection now
+            with contextlib.suppress(Exception):
+                self._conn.close()
         self.engine.dispose()
-
-
-def _begin_immediate(conn: Connection) -> None:
-    """Begin the writer's transactions with the write lock taken; said to the driver (the statement needs nothing
-    of SQLAlchemy's), its errors raised as SQLAlchemy's as the rest of the writer's are."""
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    try:
-        raw.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:
-        gone = conn.dialect.is_disconnect(exc, raw, None)  # type: ignore[arg-type]  # (a closed connection)
-        raise DBAPIError.instance(
-            "BEGIN IMMEDIATE", None, exc, sqlite3.Error, connection_invalidated=gone, dialect=conn.dialect
-        ) from exc
 
 
 def _in_transaction(conn: Connection) -> bool:
