@@ -16,7 +16,10 @@ A keep-alive HTTP/1.1 client sends the same work straight to the upstream (for r
 and through the gateway, at each concurrency, and prints p50/p99/max latency, the difference (what the gateway
 adds), requests/s, requests over 1 s, errors (answers other than 200, dropped connections) and the CPU the server's
 process spent per request (all its threads, from /proc; with ``--wrap-gateway`` it is the wrapper's). CPU per request
-is the steadier figure on a shared machine: requests/s moves with whatever else the cores are doing.
+is the steadier figure on a shared machine: requests/s moves with whatever else the cores are doing. For the proxies'
+rows it also prints the CPU per request of a PostgreSQL server on this machine ("DB ms", with a local
+``--database-url``) and of the whole machine ("box ms": every process, the load generator and the upstream included):
+the machine's cores divided by "box ms" bound the requests/s this machine can carry for that path at all.
 
 ``--floor`` (with ``--backend worker``) also measures bench/floor_proxy.py in front of the same upstream: one uvicorn
 process that reads the request, makes the worker call with aiohttp and answers, and does nothing else. It is the
@@ -165,25 +168,88 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(pid: int, port: int, work: Work, total: int, concurrency: int) -> tuple[Result, float | None]:
-    """``load``, and the CPU milliseconds the server process ``pid`` spent per request meanwhile."""
-    before = cpu_seconds(pid)
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every core of the machine has been busy so far (all processes: the load generator, the upstream,
+    the database server, the proxy); None where /proc is absent.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    # user, nice, system, irq, softirq: not idle, iowait, nor steal (time the hypervisor gave to another machine).
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each of this machine's PostgreSQL server processes, by pid."""
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        seconds = cpu_seconds(int(entry.name))
+        if seconds is not None:
+            used[int(entry.name)] = seconds
+    return used
+
+
+def postgres_spent(before: dict[int, float], after: dict[int, float]) -> float | None:
+    """CPU seconds PostgreSQL's processes spent between two readings: those alive at the second (a connection the
+    pool opened meanwhile counts whole; one that ended meanwhile is missed: pooled connections stay open).
+    """
+    if not after:
+        return None
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+@dataclass
+class Cpu:
+    """CPU milliseconds per request during one row: the proxy's process, the database server's, the machine's."""
+
+    proxy: float | None
+    database: float | None
+    machine: float | None
+
+
+def _per(before: float | None, after: float | None, requests: int) -> float | None:
+    return (after - before) * 1000 / requests if before is not None and after is not None else None
+
+
+def measured(pid: int, port: int, work: Work, total: int, concurrency: int, *, pg: bool = False) -> tuple[Result, Cpu]:
+    """``load``, and the CPU milliseconds spent per request meanwhile by the server process ``pid``, by a local
+    PostgreSQL (``pg``) and by the machine.
+    """
+    before = cpu_seconds(pid), postgres_cpu() if pg else {}, machine_cpu_seconds()
     result = asyncio.run(load(port, work, total, concurrency))
-    after = cpu_seconds(pid)
-    per = (after - before) * 1000 / len(result.latencies) if before is not None and after is not None else None
-    return result, per
+    after = cpu_seconds(pid), postgres_cpu() if pg else {}, machine_cpu_seconds()
+    n = len(result.latencies)
+    database = postgres_spent(before[1], after[1])
+    return result, Cpu(
+        _per(before[0], after[0], n),
+        database * 1000 / n if database is not None else None,
+        _per(before[2], after[2], n),
+    )
 
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else values[0] * 1000
 
 
-def row(conc: int, name: str, r: Result, cpu: float | None = None) -> Result:
+def _ms(value: float | None) -> str:
+    return f" {value:8.2f}" if value is not None else f" {'-':>8}"
+
+
+def row(conc: int, name: str, r: Result, cpu: Cpu | None = None) -> Result:
     slow = sum(1 for t in r.latencies if t > SLOW_S)
     print(
         f"{conc:>11}  {name:<10} {pct(r.latencies, 50):8.2f} {pct(r.latencies, 99):8.2f} "
         f"{max(r.latencies) * 1000:8.1f} {len(r.latencies) / r.wall:7.0f} {slow:>6} {r.errors:>6}"
-        + (f" {cpu:8.2f}" if cpu is not None else ""),
+        + (_ms(cpu.proxy) + _ms(cpu.database) + _ms(cpu.machine) if cpu is not None else ""),
         flush=True,
     )
     if r.first_error:
@@ -366,6 +432,8 @@ def main() -> None:
             direct = replicate_direct(upstream.token)
         if args.database_url:
             env["HDG_DATABASE_URL"] = args.database_url
+        # The database server's CPU is counted only where it runs on this machine.
+        pg = bool(args.database_url) and args.database_url.startswith("postgresql") and _local(args.database_url)
         made = subprocess.run(
             [CLI, "tenants", "create", "bench", "--monthly-budget-usd", "1000000"],
             env=env,
@@ -401,10 +469,10 @@ def main() -> None:
                 f"backend: {args.backend}; database: {_redacted(args.database_url) or 'SQLite'}; "
                 f"{args.requests} requests per row"
             )
-            print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors   CPU ms")
+            print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors   CPU ms    DB ms   box ms")
             for conc in levels:
                 d = row(conc, "upstream", asyncio.run(load(upstream.port, direct, args.requests, conc)))
-                g = row(conc, "gateway", *measured(gateway.pid, gw_port, through, args.requests, conc))
+                g = row(conc, "gateway", *measured(gateway.pid, gw_port, through, args.requests, conc, pg=pg))
                 added(conc, "added", g, d)
                 if floor is not None:
                     to_floor = post("/v1/images/generations", request)
@@ -429,6 +497,11 @@ def main() -> None:
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def _local(url: str) -> bool:
+    host = url.partition("://")[2].rpartition("@")[2].partition("/")[0].rsplit(":", 1)[0]
+    return host in ("", "127.0.0.1", "localhost", "[::1]")
 
 
 def _redacted(url: str | None) -> str | None:
