@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/gateway_overhead.py [--backend worker|replicate] [--requests 2000]
      [--database-url URL] [--compare-litellm] [--floor] [--concurrency 1,32] [--wrap-gateway "py-spy record ... --"]
+     [--data-parent DIR]
 
 Starts an upstream that answers at once, in its own process, and `uvicorn gateway.app:app_from_env` (one process,
 one event loop) in front of it, with a tenant with a monthly budget (so authentication, the budget check, the
@@ -402,6 +403,12 @@ def main() -> None:
     parser.add_argument(
         "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
     )
+    parser.add_argument(
+        "--data-parent",
+        default=None,
+        help="where the gateway's throwaway data dir (SQLite, image files) is made (default: the system's temp dir); "
+        "each image is a new file, whose cost depends on the filesystem under it",
+    )
     args = parser.parse_args()
     if args.floor and args.backend != "worker":
         parser.error("--floor makes the worker call: use it with --backend worker")
@@ -411,7 +418,7 @@ def main() -> None:
     gateway: subprocess.Popen[bytes] | None = None
     litellm = None
     floor: subprocess.Popen[bytes] | None = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.data_parent) as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
             "HDG_DATA_DIR": tmp,
             "HDG_BACKENDS": args.backend,
@@ -467,7 +474,7 @@ def main() -> None:
             print(
                 f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
                 f"backend: {args.backend}; database: {_redacted(args.database_url) or 'SQLite'}; "
-                f"{args.requests} requests per row"
+                f"{args.requests} requests per row; data dir under {Path(tmp).parent}"
             )
             print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors   CPU ms    DB ms   box ms")
             for conc in levels:

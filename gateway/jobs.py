@@ -232,6 +232,9 @@ class JobRunner:
         # A copy per process, so the admin API can change prices at run time without touching settings.
         self.costs: dict[str, dict[str, Cost]] = {name: dict(book) for name, book in costs.items()}
         self.gpu_rate = gpu_usd_per_second
+        # Estimates by (backend, variant, width, height, images): routing asks for every backend on every request,
+        # and a job's shape takes few values. Emptied whenever a price book changes (set_costs).
+        self._estimates: dict[tuple[str, str, int, int, int], Decimal] = {}
         self.health = health
         self.attempt_timeout = attempt_timeout
         self.on_settle = on_settle
@@ -253,8 +256,11 @@ class JobRunner:
 
     def cost(self, backend: Backend, job: ImageJob, gpu_seconds: float | None = None) -> Decimal:
         """Our cost of ``job`` on ``backend`` (an estimate unless the backend measured GPU time)."""
+        key = (backend.name, job.variant, job.width, job.height, job.n)
+        if gpu_seconds is None and (known := self._estimates.get(key)) is not None:
+            return known
         book = self.costs.get(backend.name) or self.costs.get(backend.kind) or {}
-        return backend_cost_usd(
+        cost = backend_cost_usd(
             book.get(job.variant),
             gpu_usd_per_second=self.gpu_rate,
             width=job.width,
@@ -262,11 +268,17 @@ class JobRunner:
             images=job.n,
             gpu_seconds=gpu_seconds,
         )
+        if gpu_seconds is None:
+            if len(self._estimates) >= 4096:  # sizes are bounded, but not small: keep the newest
+                self._estimates.clear()
+            self._estimates[key] = cost
+        return cost
 
     def set_costs(self, backend: Backend, costs: Mapping[str, Cost]) -> dict[str, Cost]:
         """Change what ``backend`` costs per variant from now on (a provider changed its prices)."""
         book = self.costs.setdefault(backend.name, dict(self.costs.get(backend.kind, {})))
         book.update(costs)
+        self._estimates.clear()
         return book
 
     def views(self, job: ImageJob) -> list[BackendView]:

@@ -19,6 +19,7 @@ import glob
 import os
 import time
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
@@ -46,6 +47,11 @@ class Metrics:
         self.max_tenants = max_tenants
         self.multiprocess_dir = multiprocess_dir
         self._tenants: set[str] = set()
+        # Each label set's child, as ``labels()`` made it: looked up on every request, where ``labels()`` checks
+        # and joins the values and takes a lock each time.
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._attempts: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -109,15 +115,29 @@ class Metrics:
 
     def request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered."""
-        method = method if method in METHODS else OTHER
-        self.http_requests.labels(route, method, str(status)).inc()
-        self.http_duration.labels(route, method).observe(seconds)
+        method = method if method in METHODS else OTHER  # a client's method is any token: bounded here
+        key = (route, method, status)
+        children = self._requests.get(key)
+        if children is None:  # label values are bounded (route templates, methods, statuses): one entry each
+            children = self._requests[key] = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_duration.labels(route, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def attempt(self, *, backend: str, outcome: str, seconds: float) -> None:
         """One attempt on a backend ended (succeeded, failed, busy, timeout, invalid_input, canceled, lease_lost)."""
-        self.backend_attempts.labels(backend, outcome).inc()
+        key = (backend, outcome)
+        counted = self._attempts.get(key)
+        if counted is None:
+            counted = self._attempts[key] = self.backend_attempts.labels(backend, outcome)
+        counted.inc()
         if outcome == "succeeded":
-            self.backend_latency.labels(backend).observe(seconds)
+            timed = self._latencies.get(backend)
+            if timed is None:
+                timed = self._latencies[backend] = self.backend_latency.labels(backend)
+            timed.observe(seconds)
 
     def spend(self, *, tenant_id: str, backend: str, usd: Decimal) -> None:
         """A tenant was billed ``usd`` for a job ``backend`` served."""

@@ -5,6 +5,7 @@ No I/O and no clocks: the caller takes a snapshot of every backend's state and p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -22,19 +23,24 @@ class Route:
     kind: RouteKind
     order: tuple[str, ...] = ()
 
-    @classmethod
-    def parse(cls, text: str) -> Route:
+    @staticmethod
+    def parse(text: str) -> Route:
         """``cheapest``, ``fastest``, or a comma-separated list of backend names such as ``fal,replicate``."""
-        value = text.strip().lower()
-        if value in ("cheapest", "fastest"):
-            return cls(value)  # type: ignore[arg-type]
-        names = tuple(part.strip() for part in value.split(","))
-        if not names or not all(_NAME.match(n) for n in names):
-            raise ValueError(f"invalid route {text!r}: use cheapest, fastest, or backend names separated by commas")
-        return cls("explicit", names)
+        return _parse_route(text)
 
     def __str__(self) -> str:
         return ",".join(self.order) if self.kind == "explicit" else self.kind
+
+
+@functools.lru_cache(maxsize=256)  # twice per request (the API, then the runner), from a handful of texts
+def _parse_route(text: str) -> Route:
+    value = text.strip().lower()
+    if value in ("cheapest", "fastest"):
+        return Route(value)  # type: ignore[arg-type]
+    names = tuple(part.strip() for part in value.split(","))
+    if not names or not all(_NAME.match(n) for n in names):
+        raise ValueError(f"invalid route {text!r}: use cheapest, fastest, or backend names separated by commas")
+    return Route("explicit", names)
 
 
 @dataclass(frozen=True)

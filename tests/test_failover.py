@@ -95,6 +95,27 @@ def test_cheapest_live_backend_serves_and_failover_walks_the_price_list(
     assert replicate.creates == 1 and fal.submits == 1
 
 
+def test_a_price_change_through_the_admin_api_routes_the_very_next_request_by_the_new_prices(
+    providers: Any, replicate: FakeReplicate
+) -> None:
+    gw = providers()
+    key = gw.create_tenant()["api_key"]
+    assert gw.generate(key).headers["X-HDG-Backend"] == "worker"  # the cheapest, now routed (and estimated) once
+
+    # Our GPU became dearer than Replicate's $0.010 an image: the next request goes there, at the new estimate.
+    changed = gw.admin("PUT", "/admin/backends/worker/costs", json={"fast": {"per_image": "0.02"}})
+    assert changed.status_code == 200, changed.text
+    moved = gw.generate(key)
+    assert (moved.headers["X-HDG-Backend"], moved.headers["X-HDG-Attempts"]) == ("replicate", "1")
+
+    changed = gw.admin("PUT", "/admin/backends/worker/costs", json={"fast": {"per_image": "0.001"}})
+    assert changed.status_code == 200, changed.text
+    back = gw.generate(key)
+    assert back.headers["X-HDG-Backend"] == "worker"
+    assert replicate.creates == 1
+    assert [e["backend"] for e in _usage(gw, key)["data"]] == ["worker", "replicate", "worker"]
+
+
 @pytest.mark.parametrize(
     "fault",
     [

@@ -195,11 +195,12 @@ async def generate_image(
         quality=body.output_compression if body.output_compression is not None else 90,
     )
     route = resolve_route(route_header, principal.tenant.route or state.settings.route, state)
-    params = body.model_dump(exclude={"prompt"}, exclude_none=True) | {
+    given = body.model_dump(exclude_none=True)
+    params = {k: v for k, v in given.items() if k != "prompt"} | {
         "seed": seed,
         "size": f"{width}x{height}",
         "route": str(route),
-        "input": body.model_dump(exclude_none=True),
+        "input": given,
     }
     base_url = public_base_url(request, state)
     spec = JobSpec(model=variant.model_id, job=job, params=params, route=route, api="openai", base_url=base_url)

@@ -56,6 +56,30 @@ def transient(cls: type[M], values: dict[str, Any]) -> M:
     return obj
 
 
+def row_values(obj: Any) -> dict[str, Any]:
+    """A row object's column values that are not None, by column key, as a Core insert takes them: read from the
+    object's ``__dict__``, where a transient or loaded object keeps them (its instrumented attributes cost several
+    times more per read), and through the attribute for any that is not there.
+    """
+    held = obj.__dict__
+    values = {}
+    for key in _column_keys(obj.__table__):
+        value = held[key] if key in held else getattr(obj, key)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+_KEYS: dict[Any, tuple[str, ...]] = {}
+
+
+def _column_keys(table: Any) -> tuple[str, ...]:
+    keys = _KEYS.get(table)
+    if keys is None:
+        keys = _KEYS[table] = tuple(c.key for c in table.columns)
+    return keys
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)

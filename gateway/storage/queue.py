@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.storage.models import IdempotencyKey, Prediction, utcnow
+from gateway.storage.models import IdempotencyKey, Prediction, row_values, utcnow
 from gateway.storage.repo import PREDICTIONS
 from gateway.storage.writer import execute
 
@@ -35,9 +35,8 @@ def _won(result: Any) -> bool:
 
 def insert_job(conn: Connection, prediction: Prediction) -> None:
     """Insert a new job row (a Core insert: it is on every request's path)."""
-    values = {c.key: getattr(prediction, c.key) for c in PREDICTIONS.columns}
     # One statement object for every job: its compiled form is cached per set of columns given.
-    execute(conn, _INSERT_JOB, {k: v for k, v in values.items() if v is not None})
+    execute(conn, _INSERT_JOB, row_values(prediction))
 
 
 async def find_idempotency(session: AsyncSession, *, tenant_id: str, key: str) -> IdempotencyKey | None:

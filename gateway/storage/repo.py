@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.storage import ledger
 from gateway.storage.models import (
     ApiKey,
-    Base,
     ConsoleSession,
     GatewaySecret,
     Prediction,
@@ -23,6 +22,7 @@ from gateway.storage.models import (
     Tenant,
     UsageEvent,
     is_id,
+    row_values,
     utcnow,
 )
 from gateway.storage.writer import execute
@@ -86,10 +86,6 @@ async def find_key_by_hash(session: AsyncSession, *, key_hash: str) -> tuple[Api
     stmt = select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.key_hash == key_hash)
     row = (await session.execute(stmt)).first()
     return (row[0], row[1]) if row is not None else None
-
-
-def _columns(row: Base) -> dict[str, Any]:
-    return {c.key: getattr(row, c.key) for c in row.__table__.columns if getattr(row, c.key) is not None}
 
 
 async def get_prediction(session: AsyncSession, *, tenant_id: str, prediction_id: str) -> Prediction | None:
@@ -178,7 +174,7 @@ def finish_prediction(
     if held is not None:
         price_usd = min(price_usd, held)  # never more than was reserved (and so admitted by the budget)
     if files:
-        execute(conn, _INSERT_FILES, [_columns(f) for f in files])
+        execute(conn, _INSERT_FILES, [row_values(f) for f in files])
     ledger.settle(
         conn,
         tenant_id=prediction.tenant_id,
