@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/file_store.py [--files 500] [--size 20000] DIR [DIR 
 Each file goes the way the gateway stores an image with ``HDG_STORAGE=local`` (``LocalFileStore``): a new temporary
 file, written, fsynced and renamed into place, one after another in one thread. A new file's cost depends on the
 filesystem and on where in it the directory lies, so the same code can cost several times more in one directory
-than in another on the same disk: compare the directory a benchmark's data dir sits in with the others.
+than in another on the same disk: compare the directory a benchmark's data dir sits in with the others. The CPU is
+this process's (its threads included); the kernel's own threads that write the journal are not in it.
 """
 
 from __future__ import annotations

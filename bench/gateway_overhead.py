@@ -19,8 +19,9 @@ adds), requests/s, requests over 1 s, errors (answers other than 200, dropped co
 process spent per request (all its threads, from /proc; with ``--wrap-gateway`` it is the wrapper's). CPU per request
 is the steadier figure on a shared machine: requests/s moves with whatever else the cores are doing. For the proxies'
 rows it also prints the CPU per request of a PostgreSQL server on this machine ("DB ms", with a local
-``--database-url``) and of the whole machine ("box ms": every process, the load generator and the upstream included):
-the machine's cores divided by "box ms" bound the requests/s this machine can carry for that path at all.
+``--database-url``; every PostgreSQL cluster on the machine counts) and of the whole machine ("box ms": every
+process, the load generator and the upstream included): the machine's cores divided by "box ms" bound the requests/s
+this machine can carry for that path at all. "box ms" counts whatever else runs meanwhile too: run nothing beside it.
 
 ``--floor`` (with ``--backend worker``) also measures bench/floor_proxy.py in front of the same upstream: one uvicorn
 process that reads the request, makes the worker call with aiohttp and answers, and does nothing else. It is the
@@ -507,8 +508,11 @@ def _bearer(key: str) -> dict[str, str]:
 
 
 def _local(url: str) -> bool:
-    host = url.partition("://")[2].rpartition("@")[2].partition("/")[0].rsplit(":", 1)[0]
-    return host in ("", "127.0.0.1", "localhost", "[::1]")
+    """Whether a database URL names this machine (a host given in the query string counts as another)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return "host" not in parsed.query and parsed.host in (None, "", "127.0.0.1", "localhost", "::1")
 
 
 def _redacted(url: str | None) -> str | None:

@@ -14,6 +14,7 @@ from typing import Literal
 
 RouteKind = Literal["cheapest", "fastest", "explicit"]
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_ROUTE_CHARS = 200  # what a job's row keeps of it (predictions.route)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Route:
     @staticmethod
     def parse(text: str) -> Route:
         """``cheapest``, ``fastest``, or a comma-separated list of backend names such as ``fal,replicate``."""
+        if len(text) > MAX_ROUTE_CHARS:  # before the cache: a client's header text must not be kept at any size
+            raise ValueError(f"invalid route: longer than {MAX_ROUTE_CHARS} characters")
         return _parse_route(text)
 
     def __str__(self) -> str:

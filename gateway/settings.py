@@ -29,9 +29,12 @@ DEFAULT_PRICES: dict[str, Decimal] = {
 
 
 class Cost(BaseModel):
-    """What a backend charges us for one image: a flat price, a price per megapixel, or GPU time."""
+    """What a backend charges us for one image: a flat price, a price per megapixel, or GPU time.
 
-    model_config = ConfigDict(extra="forbid")
+    Frozen: a price changes by replacing the Cost (JobRunner.set_costs), which also drops the estimates made from it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     per_image: Decimal = Decimal(0)
     per_megapixel: Decimal = Decimal(0)

@@ -219,6 +219,14 @@ def test_route_header_tenant_allow_list_and_no_candidate(
         headers={"Authorization": f"Bearer {key}", "X-HDG-Route": "midjourney"},
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-HDG-Route"
+    # Valid names, but more text than a job's row keeps: refused before it is parsed (or kept by the parse cache).
+    endless = gw.client.post(
+        "/v1/images/generations",
+        json={"prompt": "x"},
+        headers={"Authorization": f"Bearer {key}", "X-HDG-Route": ",".join(["fal"] * 100_000)},
+    )
+    assert endless.status_code == 400 and endless.json()["error"]["param"] == "X-HDG-Route"
+    assert "longer than 200 characters" in endless.json()["error"]["message"]
 
     only_fal = gw.create_tenant("only-fal", allowed_backends=["fal"], route="cheapest")
     assert gw.generate(only_fal["api_key"]).headers["X-HDG-Backend"] == "fal"
