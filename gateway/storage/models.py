@@ -62,9 +62,11 @@ def row_values(obj: Any) -> dict[str, Any]:
     times more per read), and through the attribute for any that is not there.
     """
     held = obj.__dict__
+    if obj._sa_instance_state.key is None:  # not loaded from a row: an attribute never set is None, as getattr says
+        return {key: value for key in _column_keys(obj.__table__) if (value := held.get(key)) is not None}
     values = {}
     for key in _column_keys(obj.__table__):
-        value = held[key] if key in held else getattr(obj, key)
+        value = held[key] if key in held else getattr(obj, key)  # an expired one is loaded, as before
         if value is not None:
             values[key] = value
     return values
