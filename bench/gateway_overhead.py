@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/gateway_overhead.py [--backend worker|replicate] [--requests 2000]
      [--database-url URL] [--compare-litellm] [--floor] [--concurrency 1,32] [--wrap-gateway "py-spy record ... --"]
-     [--data-parent DIR]
+     [--data-parent DIR] [--durable-floor]
 
 Starts an upstream that answers at once, in its own process, and `uvicorn gateway.app:app_from_env` (one process,
 one event loop) in front of it, with a tenant with a monthly budget (so authentication, the budget check, the
@@ -26,6 +26,11 @@ this machine can carry for that path at all. "box ms" counts whatever else runs 
 ``--floor`` (with ``--backend worker``) also measures bench/floor_proxy.py in front of the same upstream: one uvicorn
 process that reads the request, makes the worker call with aiohttp and answers, and does nothing else. It is the
 ceiling for any proxy written this way on this machine.
+
+``--durable-floor`` (worker backend, SQLite) also measures bench/durable_floor.py: the floor plus the gateway's durable
+work for one image (the record and settle transactions on the gateway's schema, the image saved by its file store),
+said straight to sqlite3 with no framework. The gap between it and the gateway is what a path built only for speed
+could win; the gap between it and the floor is what the durability promises themselves cost here.
 
 ``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
 front of a fake OpenAI images endpoint, with the same client in the same run.
@@ -60,6 +65,7 @@ from tests.fakes.server import free_port  # noqa: E402
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
 REPLICATE_MODEL = "prunaai/hidream-l1-fast"
 SLOW_S = 1.0
+DURABLE_FLOOR_KEY = "hdg_durable_floor_bench_key"  # bench/durable_floor.py's one key
 
 
 class Client:
@@ -402,6 +408,11 @@ def main() -> None:
     parser.add_argument("--compare-litellm", action="store_true", help="also measure a LiteLLM proxy on PATH")
     parser.add_argument("--floor", action="store_true", help="also measure bench/floor_proxy.py (worker backend)")
     parser.add_argument(
+        "--durable-floor",
+        action="store_true",
+        help="also measure bench/durable_floor.py: the floor plus the gateway's durable work, straight to sqlite3",
+    )
+    parser.add_argument(
         "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
     )
     parser.add_argument(
@@ -411,14 +422,15 @@ def main() -> None:
         "each image is a new file, whose cost depends on the filesystem under it",
     )
     args = parser.parse_args()
-    if args.floor and args.backend != "worker":
-        parser.error("--floor makes the worker call: use it with --backend worker")
+    if (args.floor or args.durable_floor) and (args.backend != "worker" or args.database_url):
+        parser.error("the floors make the worker call on SQLite: use them with --backend worker and no --database-url")
     levels = [int(c) for c in args.concurrency.split(",")]
 
     upstream = Upstream(args.backend)
     gateway: subprocess.Popen[bytes] | None = None
     litellm = None
     floor: subprocess.Popen[bytes] | None = None
+    durable: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(dir=args.data_parent) as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HDG_")} | {
             "HDG_DATA_DIR": tmp,
@@ -467,6 +479,16 @@ def main() -> None:
                 floor = subprocess.Popen([*serve_floor, "--log-level", "warning"], env=floor_env, cwd=ROOT)
                 wait_for_port(floor_port, floor, "the floor proxy")
                 asyncio.run(load(floor_port, post("/v1/images/generations", request), 200, 4))
+            if args.durable_floor:
+                durable_port = free_port()
+                serve = [sys.executable, "-m", "uvicorn", "bench.durable_floor:app", "--port", str(durable_port)]
+                durable_env = env | {"HDG_FLOOR_UPSTREAM": up, "HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor")}
+                durable = subprocess.Popen([*serve, "--log-level", "warning"], env=durable_env, cwd=ROOT)
+                wait_for_port(durable_port, durable, "the durable floor")
+                to_durable = post("/v1/images/generations", request, _bearer(DURABLE_FLOOR_KEY))
+                warmed = asyncio.run(load(durable_port, to_durable, 200, 4))
+                if warmed.errors:
+                    raise SystemExit(f"the durable floor failed during warm-up: {warmed.first_error}")
             warm = asyncio.run(load(gw_port, through, 200, 4))
             if warm.errors:
                 raise SystemExit(f"the gateway failed during warm-up: {warm.first_error}")
@@ -486,6 +508,9 @@ def main() -> None:
                     to_floor = post("/v1/images/generations", request)
                     f = row(conc, "floor", *measured(floor.pid, floor_port, to_floor, args.requests, conc))
                     added(conc, "fl-added", f, d)
+                if durable is not None:
+                    d_row = row(conc, "durable", *measured(durable.pid, durable_port, to_durable, args.requests, conc))
+                    added(conc, "du-added", d_row, d)
                 if litellm is not None:
                     to_openai = post("/v1/images/generations", request, _bearer("sk-upstream"))
                     to_litellm = post("/v1/images/generations", request, _bearer(litellm[3]))
@@ -500,6 +525,8 @@ def main() -> None:
                 litellm[1].stop()
             if floor is not None:
                 stop(floor)
+            if durable is not None:
+                stop(durable)
             upstream.stop()
 
 

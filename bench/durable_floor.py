@@ -1,0 +1,280 @@
+"""The least a Python proxy can do per request *with the gateway's durable work*, for
+bench/gateway_overhead.py --durable-floor: bench/floor_proxy.py plus, written straight to sqlite3 with no framework,
+ORM or httpx in between, what the gateway commits for one image on its own SQLite schema.
+
+Per request, on one uvicorn process:
+- the body is parsed as JSON and the key looked up in memory (a SHA-256 of the bearer token);
+- the record: one transaction (the tenant's and the key's month reserved under the budget guard, an in-flight slot
+  on each, the job's row with its JSON fields), committed before the upstream call;
+- the worker call with aiohttp, its JSON read and the image's base64 decoded;
+- the image saved by the gateway's own ``LocalFileStore`` (a new file, fsynced, renamed into place);
+- the settle: one transaction (the job's row ended under its guard, the file's row, both months charged and the hold
+  given back, the slots given back, the usage event), committed before the answer;
+- a JSON answer with an HMAC-signed URL.
+
+Transactions go to one writer thread that commits what is queued together, each piece in a savepoint, as the
+gateway's SQLite writer does. What is left out is what makes the gateway a product rather than a floor: validation
+and error answers, routing, health and breakers, metrics, idempotency, webhooks, failover, leases and recovery.
+So this prints how far below the gateway's CPU per request a path built only for speed could go on this machine.
+
+Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL) and
+``HDG_FLOOR_DATA`` (a directory for the database and the files) set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.storage.db import open_database
+from gateway.storage.files import LocalFileStore
+
+UPSTREAM = os.environ.get("HDG_FLOOR_UPSTREAM", "")
+DATA = Path(os.environ.get("HDG_FLOOR_DATA", "durable-floor"))
+KEY = "hdg_durable_floor_bench_key"
+PRICE = 0.010486
+SECRET = secrets.token_bytes(32)
+
+RESERVE = (
+    "UPDATE {table} SET reserved_usd = round(reserved_usd + ?, 6) WHERE {owner} = ? AND month = ? AND "
+    "((SELECT monthly_budget_usd FROM {owners} WHERE id = ?) IS NULL OR round(spent_usd + reserved_usd + ? + "
+    "(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{owner} = ? AND o.month != ?), 6) <= "
+    "(SELECT monthly_budget_usd FROM {owners} WHERE id = ?))"
+)
+TAKE = (
+    "UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = ? AND "
+    "(max_in_flight IS NULL OR in_flight < max_in_flight)"
+)
+GIVE = "UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = ?"
+APPLY = (
+    "INSERT INTO {table} ({owner}, month, spent_usd, reserved_usd) VALUES (?, ?, ?, ?) ON CONFLICT ({owner}, month) "
+    "DO UPDATE SET spent_usd = round(spent_usd + excluded.spent_usd, 6), "
+    "reserved_usd = round(reserved_usd + excluded.reserved_usd, 6)"
+)
+INSERT_JOB = (
+    "INSERT INTO predictions ("
+    "id, tenant_id, api_key_id, model, status, prompt, params, width, height, n, seed, attempts, created_at, api, job, "
+    "route, available_at, deadline_at, lease_owner, lease_expires_at, started_at, cancel_requested, logs, "
+    "reserved_usd, reserved_month"
+    ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SETTLE = (
+    "UPDATE predictions SET status = 'succeeded', backend = 'worker', latency_ms = ?, completed_at = ?, attempts = 1, "
+    "logs = ?, attempt_log = ?, lease_owner = NULL WHERE id = ? AND status IN ('starting', 'processing') AND "
+    "lease_owner = ? RETURNING reserved_usd, reserved_month"
+)
+INSERT_FILE = (
+    "INSERT INTO files (id, tenant_id, prediction_id, position, content_type, size_bytes, sha256, path, width, "
+    "height, created_at) VALUES (?, ?, ?, 0, 'image/png', ?, ?, ?, 1024, 1024, ?)"
+)
+INSERT_USAGE = (
+    "INSERT INTO usage_events (prediction_id, tenant_id, api_key_id, model, width, height, images, backend, "
+    "price_usd, cost_usd, attempts, latency_ms, status, created_at) VALUES (?, ?, ?, 'hidream-i1-fast', 1024, 1024, "
+    "1, 'worker', ?, 0.001, 1, ?, 'succeeded', ?)"
+)
+OWNERS = (("tenant_spend", "tenant_id", "tenants"), ("key_spend", "api_key_id", "api_keys"))
+OPEN = {
+    "tenant_spend": "INSERT INTO tenant_spend (tenant_id, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
+    "key_spend": "INSERT INTO key_spend (api_key_id, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
+}
+
+
+class Writer:
+    """One thread, one connection: what is queued goes in the next transaction, each piece in a savepoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.thread = ThreadPoolExecutor(max_workers=1)
+        self.lock = threading.Lock()
+        self.pending: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
+        self.draining = False
+
+    async def run(self, work: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self.lock:
+            self.pending.append((work, future, loop))
+            start, self.draining = not self.draining, True
+        if start:
+            self.thread.submit(self.drain)
+        return await future
+
+    def drain(self) -> None:
+        while True:
+            with self.lock:
+                group, self.pending = self.pending, []
+                if not group:
+                    self.draining = False
+                    return
+            outcomes: list[tuple[bool, Any]] = []
+            self.db.execute("BEGIN IMMEDIATE")
+            for work, _, _ in group:
+                self.db.execute("SAVEPOINT piece")
+                try:
+                    outcomes.append((True, work(self.db)))
+                    self.db.execute("RELEASE piece")
+                except Exception as exc:
+                    self.db.execute("ROLLBACK TO piece")
+                    self.db.execute("RELEASE piece")
+                    outcomes.append((False, exc))
+            self.db.execute("COMMIT")
+            for (_, future, loop), outcome in zip(group, outcomes, strict=True):
+                loop.call_soon_threadsafe(_resolve, future, outcome)
+
+
+def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class State:
+    session: aiohttp.ClientSession
+    writer: Writer
+    files: LocalFileStore
+    keys: dict[str, tuple[str, str]]  # sha256 of a key -> (tenant id, key id)
+
+
+state = State()
+
+
+async def _start() -> None:
+    await asyncio.to_thread(DATA.mkdir, parents=True, exist_ok=True)
+    path = DATA / "floor.sqlite"
+    async with open_database(f"sqlite+aiosqlite:///{path}"):
+        pass  # the gateway's own schema, by its migrations
+    state.writer = Writer(path)
+    state.files = LocalFileStore(DATA / "files")
+    state.session = aiohttp.ClientSession()
+    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+    tenant, key = f"ten_{secrets.token_hex(12)}", f"key_{secrets.token_hex(12)}"
+    db = state.writer.db
+    db.execute(
+        "INSERT INTO tenants (id, name, status, monthly_budget_usd, in_flight, created_at) VALUES (?, ?, 'active', "
+        "1000000, 0, ?)",
+        (tenant, f"floor-{tenant}", now),
+    )
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    db.execute(
+        "INSERT INTO api_keys (id, tenant_id, key_hash, display_prefix, created_at, in_flight) VALUES (?, ?, ?, "
+        "'hdg_dura', ?, 0)",
+        (key, tenant, digest, now),
+    )
+    for table, owner, _ in OWNERS:
+        db.execute(OPEN[table], (tenant if owner == "tenant_id" else key, month))
+    state.keys = {digest: (tenant, key)}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _record(tenant: str, key: str, job_id: str, prompt: str, owner: str) -> Any:
+    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+    params = json.dumps(
+        {"model": "hidream-i1-fast", "n": 1, "size": "1024x1024", "response_format": "url", "seed": 7}
+        | {"route": "cheapest", "input": {"prompt": prompt}, "base_url": "http://127.0.0.1/"}
+    )
+    job = json.dumps(
+        {"variant": "fast", "prompt": prompt, "width": 1024, "height": 1024, "seed": 7, "n": 1}
+        | {"output_format": "png", "quality": 90}
+    )
+
+    def work(db: sqlite3.Connection) -> None:
+        for (table, column, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
+            sql = RESERVE.format(table=table, owner=column, owners=owners)
+            args = (PRICE, owner_id, month, owner_id, PRICE, owner_id, month, owner_id)
+            if db.execute(sql, args).rowcount != 1:
+                raise RuntimeError("budget")
+        for (_, _, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
+            if db.execute(TAKE.format(owners=owners), (owner_id,)).rowcount != 1:
+                raise RuntimeError("in flight")
+        row = (job_id, tenant, key, "hidream-i1-fast", "processing", prompt, params, 1024, 1024, 1, 7, 0, now)
+        row += ("openai", job, "cheapest", now, now, owner, now, now, 0, "", PRICE, month)
+        db.execute(INSERT_JOB, row)
+
+    return work
+
+
+def _settle(tenant: str, key: str, job_id: str, owner: str, saved: Any) -> Any:
+    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+    log = json.dumps([{"backend": "worker", "outcome": "succeeded", "status": None, "message": None, "detail": None}])
+
+    def work(db: sqlite3.Connection) -> bool:
+        won = db.execute(SETTLE, (3, now, "Succeeded on worker.\n", log, job_id, owner)).fetchone()
+        if won is None:
+            return False
+        held = won[0] or 0
+        file_id = f"file_{secrets.token_hex(12)}"
+        db.execute(INSERT_FILE, (file_id, tenant, job_id, saved.size_bytes, saved.sha256, saved.path, now))
+        for (table, column, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
+            db.execute(APPLY.format(table=table, owner=column), (owner_id, month, PRICE, -held))
+            db.execute(GIVE.format(owners=owners), (owner_id,))
+        db.execute(INSERT_USAGE, (job_id, tenant, key, PRICE, 3, now))
+        return True
+
+    return work
+
+
+async def _respond(send: Any, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            if message["type"] == "lifespan.startup":
+                await _start()
+                await send({"type": "lifespan.startup.complete"})
+        await state.session.close()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.loads(b"".join(chunks))
+    authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
+    caller = state.keys.get(hashlib.sha256(authorization.removeprefix("Bearer ").encode()).hexdigest())
+    if caller is None or not isinstance(body.get("prompt"), str):
+        await _respond(send, 401 if caller is None else 400, b'{"error": "refused"}')
+        return
+    tenant, key = caller
+    job_id, owner = f"gen_{secrets.token_hex(12)}", "floor"
+    await state.writer.run(_record(tenant, key, job_id, body["prompt"], owner))
+    call = {"variant": "fast", "prompt": body["prompt"], "width": 1024, "height": 1024, "seed": 7, "n": 1}
+    async with state.session.post(f"{UPSTREAM}/generate", json=call) as upstream:
+        answer = await upstream.json()
+    image = base64.b64decode(answer["images"][0], validate=True)
+    if not image.startswith(b"\x89PNG\r\n\x1a\n"):
+        await _respond(send, 502, b'{"error": "not a png"}')
+        return
+    saved = await state.files.save(tenant_id=tenant, file_id=job_id, content_type="image/png", data=image)
+    if not await state.writer.run(_settle(tenant, key, job_id, owner, saved)):
+        await _respond(send, 409, b'{"error": "not ours"}')
+        return
+    expires = 3600
+    signature = hmac.digest(SECRET, f"{job_id}:{expires}".encode(), "sha256").hex()
+    url = f"http://127.0.0.1/v1/files/{job_id}?expires={expires}&signature={signature}"
+    await _respond(send, 200, json.dumps({"created": 0, "id": job_id, "data": [{"url": url}]}).encode())
