@@ -122,20 +122,29 @@ class Writer:
                 if not group:
                     self.draining = False
                     return
-            outcomes: list[tuple[bool, Any]] = []
-            self.db.execute("BEGIN IMMEDIATE")
-            for work, _, _ in group:
-                self.db.execute("SAVEPOINT piece")
-                try:
-                    outcomes.append((True, work(self.db)))
-                    self.db.execute("RELEASE piece")
-                except Exception as exc:
-                    self.db.execute("ROLLBACK TO piece")
-                    self.db.execute("RELEASE piece")
-                    outcomes.append((False, exc))
-            self.db.execute("COMMIT")
+            try:
+                outcomes = self.commit(group)
+            except Exception as exc:  # BEGIN or COMMIT failed: none of the group is known to have landed
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                outcomes = [(False, exc)] * len(group)
             for (_, future, loop), outcome in zip(group, outcomes, strict=True):
                 loop.call_soon_threadsafe(_resolve, future, outcome)
+
+    def commit(self, group: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        for work, _, _ in group:
+            self.db.execute("SAVEPOINT piece")
+            try:
+                outcomes.append((True, work(self.db)))
+                self.db.execute("RELEASE piece")
+            except Exception as exc:
+                self.db.execute("ROLLBACK TO piece")
+                self.db.execute("RELEASE piece")
+                outcomes.append((False, exc))
+        self.db.execute("COMMIT")
+        return outcomes
 
 
 def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
