@@ -17,8 +17,8 @@ gateway's SQLite writer does. What is left out is what makes the gateway a produ
 and error answers, routing, health and breakers, metrics, idempotency, webhooks, failover, leases and recovery.
 So this prints how far below the gateway's CPU per request a path built only for speed could go on this machine.
 
-Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL) and
-``HDG_FLOOR_DATA`` (a directory for the database and the files) set.
+Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL),
+``HDG_FLOOR_DATA`` (a directory for the database and the files) and ``HDG_FLOOR_KEY`` (the bearer key it takes) set.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import secrets
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,26 +45,41 @@ from gateway.storage.files import LocalFileStore
 
 UPSTREAM = os.environ.get("HDG_FLOOR_UPSTREAM", "")
 DATA = Path(os.environ.get("HDG_FLOOR_DATA", "durable-floor"))
-KEY = "hdg_durable_floor_bench_key"
+KEY = os.environ.get("HDG_FLOOR_KEY", "hdg_durable_floor")  # the one key it takes
 PRICE = 0.010486
 SECRET = secrets.token_bytes(32)
 
-RESERVE = (
-    "UPDATE {table} SET reserved_usd = round(reserved_usd + ?, 6) WHERE {owner} = ? AND month = ? AND "
-    "((SELECT monthly_budget_usd FROM {owners} WHERE id = ?) IS NULL OR round(spent_usd + reserved_usd + ? + "
-    "(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{owner} = ? AND o.month != ?), 6) <= "
-    "(SELECT monthly_budget_usd FROM {owners} WHERE id = ?))"
-)
-TAKE = (
-    "UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = ? AND "
-    "(max_in_flight IS NULL OR in_flight < max_in_flight)"
-)
-GIVE = "UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = ?"
-APPLY = (
-    "INSERT INTO {table} ({owner}, month, spent_usd, reserved_usd) VALUES (?, ?, ?, ?) ON CONFLICT ({owner}, month) "
-    "DO UPDATE SET spent_usd = round(spent_usd + excluded.spent_usd, 6), "
-    "reserved_usd = round(reserved_usd + excluded.reserved_usd, 6)"
-)
+
+@dataclass(frozen=True)
+class Owner:
+    """One side of a hold (the tenant or its key): its statements, written out once for its tables."""
+
+    reserve: str  # the month's reservation, under the budget guard
+    take: str  # an in-flight slot, under the cap
+    give: str  # the slot back
+    apply: str  # the charge, and the hold given back
+    open: str  # the month's row at zero
+
+
+def _owner(table: str, column: str, owners: str) -> Owner:
+    budget = f"(SELECT monthly_budget_usd FROM {owners} WHERE id = ?)"
+    elsewhere = f"(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{column} = ? AND o.month != ?)"
+    return Owner(
+        reserve=f"UPDATE {table} SET reserved_usd = round(reserved_usd + ?, 6) WHERE {column} = ? AND month = ? "
+        f"AND ({budget} IS NULL OR round(spent_usd + reserved_usd + ? + {elsewhere}, 6) <= {budget})",
+        take=f"UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = ? AND "
+        "(max_in_flight IS NULL OR in_flight < max_in_flight)",
+        give=f"UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = ?",
+        apply=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES (?, ?, ?, ?) ON CONFLICT "
+        f"({column}, month) DO UPDATE SET spent_usd = round(spent_usd + excluded.spent_usd, 6), "
+        "reserved_usd = round(reserved_usd + excluded.reserved_usd, 6)",
+        open=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
+    )
+
+
+# The tenant's side, then the key's: the order every transaction here takes their rows in, as the ledger's does.
+OWNERS = (_owner("tenant_spend", "tenant_id", "tenants"), _owner("key_spend", "api_key_id", "api_keys"))
+
 INSERT_JOB = (
     "INSERT INTO predictions ("
     "id, tenant_id, api_key_id, model, status, prompt, params, width, height, n, seed, attempts, created_at, api, job, "
@@ -86,11 +102,6 @@ INSERT_USAGE = (
     "price_usd, cost_usd, attempts, latency_ms, status, created_at) VALUES (?, ?, ?, 'hidream-i1-fast', 1024, 1024, "
     "1, 'worker', ?, 0.001, 1, ?, 'succeeded', ?)"
 )
-OWNERS = (("tenant_spend", "tenant_id", "tenants"), ("key_spend", "api_key_id", "api_keys"))
-OPEN = {
-    "tenant_spend": "INSERT INTO tenant_spend (tenant_id, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
-    "key_spend": "INSERT INTO key_spend (api_key_id, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
-}
 
 
 class Writer:
@@ -173,7 +184,7 @@ async def _start() -> None:
     state.writer = Writer(path)
     state.files = LocalFileStore(DATA / "files")
     state.session = aiohttp.ClientSession()
-    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+    now, month = _now()
     tenant, key = f"ten_{secrets.token_hex(12)}", f"key_{secrets.token_hex(12)}"
     db = state.writer.db
     db.execute(
@@ -187,17 +198,19 @@ async def _start() -> None:
         "'hdg_dura', ?, 0)",
         (key, tenant, digest, now),
     )
-    for table, owner, _ in OWNERS:
-        db.execute(OPEN[table], (tenant if owner == "tenant_id" else key, month))
+    for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
+        db.execute(owner.open, (owner_id, month))
     state.keys = {digest: (tenant, key)}
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+def _now() -> tuple[str, str]:
+    """The time as the gateway stores it on SQLite, and its month."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%d %H:%M:%S.%f"), now.strftime("%Y-%m")
 
 
-def _record(tenant: str, key: str, job_id: str, prompt: str, owner: str) -> Any:
-    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+def _record(tenant: str, key: str, job_id: str, prompt: str, lease: str) -> Any:
+    now, month = _now()
     params = json.dumps(
         {"model": "hidream-i1-fast", "n": 1, "size": "1024x1024", "response_format": "url", "seed": 7}
         | {"route": "cheapest", "input": {"prompt": prompt}, "base_url": "http://127.0.0.1/"}
@@ -208,35 +221,34 @@ def _record(tenant: str, key: str, job_id: str, prompt: str, owner: str) -> Any:
     )
 
     def work(db: sqlite3.Connection) -> None:
-        for (table, column, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
-            sql = RESERVE.format(table=table, owner=column, owners=owners)
+        for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
             args = (PRICE, owner_id, month, owner_id, PRICE, owner_id, month, owner_id)
-            if db.execute(sql, args).rowcount != 1:
+            if db.execute(owner.reserve, args).rowcount != 1:
                 raise RuntimeError("budget")
-        for (_, _, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
-            if db.execute(TAKE.format(owners=owners), (owner_id,)).rowcount != 1:
+        for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
+            if db.execute(owner.take, (owner_id,)).rowcount != 1:
                 raise RuntimeError("in flight")
         row = (job_id, tenant, key, "hidream-i1-fast", "processing", prompt, params, 1024, 1024, 1, 7, 0, now)
-        row += ("openai", job, "cheapest", now, now, owner, now, now, 0, "", PRICE, month)
+        row += ("openai", job, "cheapest", now, now, lease, now, now, 0, "", PRICE, month)
         db.execute(INSERT_JOB, row)
 
     return work
 
 
-def _settle(tenant: str, key: str, job_id: str, owner: str, saved: Any) -> Any:
-    now, month = _now(), datetime.now(UTC).strftime("%Y-%m")
+def _settle(tenant: str, key: str, job_id: str, lease: str, saved: Any) -> Any:
+    now, month = _now()
     log = json.dumps([{"backend": "worker", "outcome": "succeeded", "status": None, "message": None, "detail": None}])
 
     def work(db: sqlite3.Connection) -> bool:
-        won = db.execute(SETTLE, (3, now, "Succeeded on worker.\n", log, job_id, owner)).fetchone()
+        won = db.execute(SETTLE, (3, now, "Succeeded on worker.\n", log, job_id, lease)).fetchone()
         if won is None:
             return False
         held = won[0] or 0
         file_id = f"file_{secrets.token_hex(12)}"
         db.execute(INSERT_FILE, (file_id, tenant, job_id, saved.size_bytes, saved.sha256, saved.path, now))
-        for (table, column, owners), owner_id in zip(OWNERS, (tenant, key), strict=True):
-            db.execute(APPLY.format(table=table, owner=column), (owner_id, month, PRICE, -held))
-            db.execute(GIVE.format(owners=owners), (owner_id,))
+        for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
+            db.execute(owner.apply, (owner_id, month, PRICE, -held))
+            db.execute(owner.give, (owner_id,))
         db.execute(INSERT_USAGE, (job_id, tenant, key, PRICE, 3, now))
         return True
 
@@ -270,8 +282,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _respond(send, 401 if caller is None else 400, b'{"error": "refused"}')
         return
     tenant, key = caller
-    job_id, owner = f"gen_{secrets.token_hex(12)}", "floor"
-    await state.writer.run(_record(tenant, key, job_id, body["prompt"], owner))
+    job_id, lease = f"gen_{secrets.token_hex(12)}", "floor"
+    await state.writer.run(_record(tenant, key, job_id, body["prompt"], lease))
     call = {"variant": "fast", "prompt": body["prompt"], "width": 1024, "height": 1024, "seed": 7, "n": 1}
     async with state.session.post(f"{UPSTREAM}/generate", json=call) as upstream:
         answer = await upstream.json()
@@ -280,7 +292,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _respond(send, 502, b'{"error": "not a png"}')
         return
     saved = await state.files.save(tenant_id=tenant, file_id=job_id, content_type="image/png", data=image)
-    if not await state.writer.run(_settle(tenant, key, job_id, owner, saved)):
+    if not await state.writer.run(_settle(tenant, key, job_id, lease, saved)):
         await _respond(send, 409, b'{"error": "not ours"}')
         return
     expires = 3600

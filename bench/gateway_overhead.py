@@ -27,10 +27,11 @@ this machine can carry for that path at all. "box ms" counts whatever else runs 
 process that reads the request, makes the worker call with aiohttp and answers, and does nothing else. It is the
 ceiling for any proxy written this way on this machine.
 
-``--durable-floor`` (worker backend, SQLite) also measures bench/durable_floor.py: the floor plus the gateway's durable
-work for one image (the record and settle transactions on the gateway's schema, the image saved by its file store),
-said straight to sqlite3 with no framework. The gap between it and the gateway is what a path built only for speed
-could win; the gap between it and the floor is what the durability promises themselves cost here.
+``--durable-floor`` (worker backend) also measures bench/durable_floor.py: the floor plus the gateway's durable work
+for one image (the record and settle transactions on the gateway's schema, in its own SQLite file whatever
+``--database-url`` says, and the image saved by the gateway's file store), said straight to sqlite3 with no
+framework. The gap between it and the gateway is what a path built only for speed could win; the gap between it and
+the floor is what the durability promises themselves cost here.
 
 ``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
 front of a fake OpenAI images endpoint, with the same client in the same run.
@@ -65,7 +66,6 @@ from tests.fakes.server import free_port  # noqa: E402
 CLI = str(Path(sys.executable).parent / "hidream-gateway")
 REPLICATE_MODEL = "prunaai/hidream-l1-fast"
 SLOW_S = 1.0
-DURABLE_FLOOR_KEY = "hdg_durable_floor_bench_key"  # bench/durable_floor.py's one key
 
 
 class Client:
@@ -422,8 +422,8 @@ def main() -> None:
         "each image is a new file, whose cost depends on the filesystem under it",
     )
     args = parser.parse_args()
-    if (args.floor or args.durable_floor) and (args.backend != "worker" or args.database_url):
-        parser.error("the floors make the worker call on SQLite: use them with --backend worker and no --database-url")
+    if (args.floor or args.durable_floor) and args.backend != "worker":
+        parser.error("the floors make the worker call: use them with --backend worker")
     levels = [int(c) for c in args.concurrency.split(",")]
 
     upstream = Upstream(args.backend)
@@ -472,23 +472,15 @@ def main() -> None:
             wait_for_port(gw_port, gateway, "the gateway")
             if args.compare_litellm:
                 litellm = start_litellm(tmp)
+            to_floor = post("/v1/images/generations", request)
             if args.floor:
-                floor_port = free_port()
-                serve_floor = [sys.executable, "-m", "uvicorn", "bench.floor_proxy:app", "--port", str(floor_port)]
-                floor_env = env | {"HDG_FLOOR_UPSTREAM": up}
-                floor = subprocess.Popen([*serve_floor, "--log-level", "warning"], env=floor_env, cwd=ROOT)
-                wait_for_port(floor_port, floor, "the floor proxy")
-                asyncio.run(load(floor_port, post("/v1/images/generations", request), 200, 4))
+                floor, floor_port = serve_floor("floor_proxy", env | {"HDG_FLOOR_UPSTREAM": up}, to_floor)
+            durable_key = "hdg_durable_floor"
+            to_durable = post("/v1/images/generations", request, _bearer(durable_key))
             if args.durable_floor:
-                durable_port = free_port()
-                serve = [sys.executable, "-m", "uvicorn", "bench.durable_floor:app", "--port", str(durable_port)]
-                durable_env = env | {"HDG_FLOOR_UPSTREAM": up, "HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor")}
-                durable = subprocess.Popen([*serve, "--log-level", "warning"], env=durable_env, cwd=ROOT)
-                wait_for_port(durable_port, durable, "the durable floor")
-                to_durable = post("/v1/images/generations", request, _bearer(DURABLE_FLOOR_KEY))
-                warmed = asyncio.run(load(durable_port, to_durable, 200, 4))
-                if warmed.errors:
-                    raise SystemExit(f"the durable floor failed during warm-up: {warmed.first_error}")
+                data = {"HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor"), "HDG_FLOOR_KEY": durable_key}
+                durable_env = env | {"HDG_FLOOR_UPSTREAM": up} | data
+                durable, durable_port = serve_floor("durable_floor", durable_env, to_durable)
             warm = asyncio.run(load(gw_port, through, 200, 4))
             if warm.errors:
                 raise SystemExit(f"the gateway failed during warm-up: {warm.first_error}")
@@ -505,7 +497,6 @@ def main() -> None:
                 g = row(conc, "gateway", *measured(gateway.pid, gw_port, through, args.requests, conc, pg=pg))
                 added(conc, "added", g, d)
                 if floor is not None:
-                    to_floor = post("/v1/images/generations", request)
                     f = row(conc, "floor", *measured(floor.pid, floor_port, to_floor, args.requests, conc))
                     added(conc, "fl-added", f, d)
                 if durable is not None:
@@ -528,6 +519,19 @@ def main() -> None:
             if durable is not None:
                 stop(durable)
             upstream.stop()
+
+
+def serve_floor(module: str, env: dict[str, str], work: Work) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``bench/<module>.py``'s app under uvicorn and warm it up; its process and port."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", f"bench.{module}:app", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    wait_for_port(port, proc, module)
+    warmed = asyncio.run(load(port, work, 200, 4))
+    if warmed.errors:
+        stop(proc)
+        raise SystemExit(f"{module} failed during warm-up: {warmed.first_error}")
+    return proc, port
 
 
 def _bearer(key: str) -> dict[str, str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ from gateway.storage.writer import _WRITERS, SqliteWriter, transact
 
 class Refused(Exception):
     pass
+
+
+@asynccontextmanager
+async def sqlite_writer(path: Path) -> AsyncIterator[SqliteWriter]:
+    """A writer of its own on the SQLite file ``path``, closed with its engine at the end."""
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    writer = SqliteWriter(engine)
+    try:
+        yield writer
+    finally:
+        writer.close()
+        await engine.dispose()
 
 
 def test_pieces_commit_or_roll_back_alone_whatever_they_share(database_url: str) -> None:
@@ -106,9 +119,7 @@ class Escaped(BaseException):
 
 def test_a_group_that_sqlite_rolled_back_whole_fails_whole_and_the_writer_goes_on(tmp_path: Path) -> None:
     async def main() -> None:
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/w.db")
-        writer = SqliteWriter(engine)
-        try:
+        async with sqlite_writer(tmp_path / "w.db") as writer:
             await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB)"))
             pages = await writer.run(lambda c: c.exec_driver_sql("PRAGMA page_count").scalar())
 
@@ -142,9 +153,6 @@ def test_a_group_that_sqlite_rolled_back_whole_fails_whole_and_the_writer_goes_o
             assert await writer.run(row(6)) == 1  # and the writer still takes work
             landed = await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all())
             assert landed == [6]
-        finally:
-            writer.close()
-            await engine.dispose()
 
     asyncio.run(main())
 
@@ -230,22 +238,19 @@ def test_a_begin_that_finds_the_database_locked_fails_as_sqlalchemys_error_and_t
     from sqlalchemy.exc import OperationalError
 
     async def main() -> None:
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/locked.db")
-        writer = SqliteWriter(engine)
-        other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
-        try:
-            await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER)"))
-            await writer.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout=50"))
-            other.execute("BEGIN IMMEDIATE")
-            with pytest.raises(OperationalError, match="locked"):
-                await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (1)"))
-            other.execute("ROLLBACK")
-            assert await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (2)").rowcount) == 1
-            assert await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all()) == [2]
-        finally:
-            other.close()
-            writer.close()
-            await engine.dispose()
+        async with sqlite_writer(tmp_path / "locked.db") as writer:
+            other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+            try:
+                await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER)"))
+                await writer.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout=50"))
+                other.execute("BEGIN IMMEDIATE")
+                with pytest.raises(OperationalError, match="locked"):
+                    await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (1)"))
+                other.execute("ROLLBACK")
+                assert await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (2)").rowcount) == 1
+                assert await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all()) == [2]
+            finally:
+                other.close()
 
     asyncio.run(main())
 
@@ -256,9 +261,7 @@ def test_a_broken_connection_is_replaced_and_a_closed_writer_refuses_work(tmp_pa
     from sqlalchemy.exc import DBAPIError
 
     async def main() -> None:
-        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/broken.db")
-        writer = SqliteWriter(engine)
-        try:
+        async with sqlite_writer(tmp_path / "broken.db") as writer:
             await writer.run(lambda c: c.exec_driver_sql("CREATE TABLE t (n INTEGER)"))
 
             def breaks(c: Connection) -> None:
@@ -270,9 +273,6 @@ def test_a_broken_connection_is_replaced_and_a_closed_writer_refuses_work(tmp_pa
                 await writer.run(breaks)
             assert await writer.run(lambda c: c.exec_driver_sql("INSERT INTO t (n) VALUES (1)").rowcount) == 1
             assert await writer.run(lambda c: c.exec_driver_sql("SELECT n FROM t").scalars().all()) == [1]
-        finally:
-            writer.close()
-            await engine.dispose()
         for _ in range(2):
             with pytest.raises(RuntimeError, match="closed"):
                 await asyncio.wait_for(writer.run(lambda c: None), 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -58,28 +59,22 @@ def transient(cls: type[M], values: dict[str, Any]) -> M:
 
 def row_values(obj: Any) -> dict[str, Any]:
     """A row object's column values that are not None, by column key, as a Core insert takes them: read from the
-    object's ``__dict__``, where a transient or loaded object keeps them (its instrumented attributes cost several
-    times more per read), and through the attribute for any that is not there.
+    object's ``__dict__`` (its instrumented attributes cost several times more per read). An attribute missing there
+    is None on an object not loaded from a row (as getattr says), and loaded through the attribute on one that was.
     """
     held = obj.__dict__
-    if obj._sa_instance_state.key is None:  # not loaded from a row: an attribute never set is None, as getattr says
-        return {key: value for key in _column_keys(obj.__table__) if (value := held.get(key)) is not None}
+    loaded = obj._sa_instance_state.key is not None
     values = {}
     for key in _column_keys(obj.__table__):
-        value = held[key] if key in held else getattr(obj, key)  # an expired one is loaded, as before
+        value = held[key] if key in held else getattr(obj, key) if loaded else None
         if value is not None:
             values[key] = value
     return values
 
 
-_KEYS: dict[Any, tuple[str, ...]] = {}
-
-
+@functools.cache  # one entry per table
 def _column_keys(table: Any) -> tuple[str, ...]:
-    keys = _KEYS.get(table)
-    if keys is None:
-        keys = _KEYS[table] = tuple(c.key for c in table.columns)
-    return keys
+    return tuple(c.key for c in table.columns)
 
 
 def utcnow() -> datetime:
