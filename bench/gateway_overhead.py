@@ -28,10 +28,11 @@ process that reads the request, makes the worker call with aiohttp and answers, 
 ceiling for any proxy written this way on this machine.
 
 ``--durable-floor`` (worker backend) also measures bench/durable_floor.py: the floor plus the gateway's durable work
-for one image (the record and settle transactions on the gateway's schema, in its own SQLite file whatever
-``--database-url`` says, and the image saved by the gateway's file store), said straight to sqlite3 with no
-framework. The gap between it and the gateway is what a path built only for speed could win; the gap between it and
-the floor is what the durability promises themselves cost here.
+for one image (the record and settle transactions on the gateway's schema, and the image saved by the gateway's file
+store) with no framework: said straight to sqlite3 in a SQLite file of its own, or, with a PostgreSQL
+``--database-url``, to the same PostgreSQL database with asyncpg, one round trip per transaction. The gap between it
+and the gateway is what a path built only for speed could win; the gap between it and the floor is what the
+durability promises themselves cost here.
 
 ``--compare-litellm`` also measures a LiteLLM proxy (``litellm`` on PATH; nothing is installed) with one worker in
 front of a fake OpenAI images endpoint, with the same client in the same run.
@@ -410,7 +411,7 @@ def main() -> None:
     parser.add_argument(
         "--durable-floor",
         action="store_true",
-        help="also measure bench/durable_floor.py: the floor plus the gateway's durable work, straight to sqlite3",
+        help="also measure bench/durable_floor.py: the floor plus the gateway's durable work, straight to the driver",
     )
     parser.add_argument(
         "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
@@ -479,6 +480,8 @@ def main() -> None:
             to_durable = post("/v1/images/generations", request, _bearer(durable_key))
             if args.durable_floor:
                 data = {"HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor"), "HDG_FLOOR_KEY": durable_key}
+                if args.database_url and args.database_url.startswith("postgresql"):
+                    data["HDG_FLOOR_DATABASE_URL"] = args.database_url  # the same database, a tenant of its own
                 durable_env = env | {"HDG_FLOOR_UPSTREAM": up} | data
                 durable, durable_port = serve_floor("durable_floor", durable_env, to_durable)
             warm = asyncio.run(load(gw_port, through, 200, 4))
@@ -500,7 +503,8 @@ def main() -> None:
                     f = row(conc, "floor", *measured(floor.pid, floor_port, to_floor, args.requests, conc))
                     added(conc, "fl-added", f, d)
                 if durable is not None:
-                    d_row = row(conc, "durable", *measured(durable.pid, durable_port, to_durable, args.requests, conc))
+                    measure = measured(durable.pid, durable_port, to_durable, args.requests, conc, pg=pg)
+                    d_row = row(conc, "durable", *measure)
                     added(conc, "du-added", d_row, d)
                 if litellm is not None:
                     to_openai = post("/v1/images/generations", request, _bearer("sk-upstream"))
