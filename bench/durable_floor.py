@@ -20,10 +20,10 @@ So this prints how far below the gateway's CPU per request a path built only for
 With ``HDG_FLOOR_DATABASE_URL`` (``postgresql+asyncpg://...``) the transactions go to that PostgreSQL database
 instead, on the gateway's schema there (migrated if it is not), with its own tenant and key. Each transaction is
 one round trip: the record and the settle are PL/pgSQL functions the floor creates (``hdg_floor_record``,
-``hdg_floor_settle``), called over a pool of asyncpg connections, each call its own transaction, with the same
-statements and guards as the SQLite writer's (the job's lease and deadline lie ahead, as the gateway's do, so a
-gateway on the same database leaves the floor's jobs alone). That is the fewest round trips a request can take on
-PostgreSQL; the gateway takes about eighteen.
+``hdg_floor_settle``), called over a pool of asyncpg connections, each call its own transaction. They say the
+SQLite writer's statements and guards, and take the ledger's advisory locks as the gateway does on PostgreSQL. The
+job's lease and deadline lie ahead, as the gateway's do, so a gateway on the same database leaves the floor's jobs
+alone. That is the fewest round trips a request can take on PostgreSQL; the gateway takes seventeen.
 
 Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL),
 ``HDG_FLOOR_DATA`` (a directory for the database and the files) and ``HDG_FLOOR_KEY`` (the bearer key it takes) set.
@@ -184,13 +184,15 @@ def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
 # -- PostgreSQL: each transaction one round trip, a function of the floor's own on the gateway's schema ---------------
 
 
-def _pg_owner(table: str, column: str, owners: str, who: str) -> tuple[str, str, str, str]:
-    """PL/pgSQL for one side of the hold: (reserve, take, apply, give), the SQLite writer's statements and guards."""
+def _pg_owner(table: str, column: str, owners: str, who: str, space: int) -> tuple[str, str, str, str]:
+    """PL/pgSQL for one side of the hold: (reserve, take, apply, give), the SQLite writer's statements and guards,
+    with the owner's advisory lock before its reservation, as the gateway's ledger takes it on PostgreSQL."""
     budget = f"(SELECT monthly_budget_usd FROM {owners} WHERE id = {who})"
     elsewhere = (
         f"(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{column} = {who} AND o.month <> p_month)"
     )
     reserve = (
+        f"PERFORM pg_advisory_xact_lock({space}, hashtext({who}));\n  "
         f"UPDATE {table} s SET reserved_usd = round(s.reserved_usd + p_price, 6) WHERE s.{column} = {who} "
         f"AND s.month = p_month AND ({budget} IS NULL OR "
         f"round(s.spent_usd + s.reserved_usd + p_price + {elsewhere}, 6) <= {budget});\n"
@@ -211,8 +213,8 @@ def _pg_owner(table: str, column: str, owners: str, who: str) -> tuple[str, str,
 
 
 _PG_OWNERS = (
-    _pg_owner("tenant_spend", "tenant_id", "tenants", "p_tenant"),
-    _pg_owner("key_spend", "api_key_id", "api_keys", "p_key"),
+    _pg_owner("tenant_spend", "tenant_id", "tenants", "p_tenant", 0x68640001),
+    _pg_owner("key_spend", "api_key_id", "api_keys", "p_key", 0x68640002),
 )
 PG_FUNCTIONS = (
     "CREATE OR REPLACE FUNCTION hdg_floor_record(p_tenant text, p_key text, p_job text, p_prompt text, "
