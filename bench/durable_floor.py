@@ -23,7 +23,7 @@ one round trip: the record and the settle are PL/pgSQL functions the floor creat
 ``hdg_floor_settle``), called over a pool of asyncpg connections, each call its own transaction. They say the
 SQLite writer's statements and guards, and take the ledger's advisory locks as the gateway does on PostgreSQL. The
 job's lease and deadline lie ahead, as the gateway's do, so a gateway on the same database leaves the floor's jobs
-alone. That is the fewest round trips a request can take on PostgreSQL; the gateway takes seventeen.
+alone. That is the fewest round trips a request can take on PostgreSQL; the gateway takes eighteen.
 
 Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL),
 ``HDG_FLOOR_DATA`` (a directory for the database and the files) and ``HDG_FLOOR_KEY`` (the bearer key it takes) set.
