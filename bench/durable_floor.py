@@ -25,6 +25,9 @@ SQLite writer's statements and guards, and take the ledger's advisory locks as t
 job's lease and deadline lie ahead, as the gateway's do, so a gateway on the same database leaves the floor's jobs
 alone. That is the fewest round trips a request can take on PostgreSQL; the gateway takes eighteen.
 
+With ``HDG_FLOOR_FILES=none`` the image is hashed and written nowhere: not a design, a bound on what the floor would
+cost if storing an image cost nothing.
+
 Served as ``uvicorn bench.durable_floor:app`` with ``HDG_FLOOR_UPSTREAM`` (the upstream's base URL),
 ``HDG_FLOOR_DATA`` (a directory for the database and the files) and ``HDG_FLOOR_KEY`` (the bearer key it takes) set.
 """
@@ -51,12 +54,15 @@ import aiohttp
 import asyncpg
 
 from gateway.storage.db import open_database
-from gateway.storage.files import LocalFileStore
+from gateway.storage.files import LocalFileStore, SavedFile
 
 UPSTREAM = os.environ.get("HDG_FLOOR_UPSTREAM", "")
 DATA = Path(os.environ.get("HDG_FLOOR_DATA", "durable-floor"))
 KEY = os.environ.get("HDG_FLOOR_KEY", "hdg_durable_floor")  # the one key it takes
 DATABASE_URL = os.environ.get("HDG_FLOOR_DATABASE_URL", "")  # PostgreSQL; unset: SQLite under DATA
+# "none": the image is hashed but written nowhere. Not a design (an image the answer names must be stored): a bound,
+# what the floor would cost if storing an image cost nothing.
+FILES = os.environ.get("HDG_FLOOR_FILES", "store")
 PRICE = 0.010486
 PRICE_D = Decimal("0.010486")
 ATTEMPT_LOG = json.dumps(
@@ -469,7 +475,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if not image.startswith(b"\x89PNG\r\n\x1a\n"):
         await _respond(send, 502, b'{"error": "not a png"}')
         return
-    saved = await state.files.save(tenant_id=tenant, file_id=job_id, content_type="image/png", data=image)
+    if FILES == "none":
+        saved = SavedFile(f"{tenant}/{job_id}.png", len(image), hashlib.sha256(image).hexdigest())
+    else:
+        saved = await state.files.save(tenant_id=tenant, file_id=job_id, content_type="image/png", data=image)
     if not await state.store.settle(tenant, key, job_id, lease, saved):
         await _respond(send, 409, b'{"error": "not ours"}')
         return

@@ -414,6 +414,13 @@ def main() -> None:
         help="also measure bench/durable_floor.py: the floor plus the gateway's durable work, straight to the driver",
     )
     parser.add_argument(
+        "--durable-floor-files",
+        choices=("store", "none"),
+        default="store",
+        help="store: the durable floor saves each image with the gateway's file store; none: it stores no image (a "
+        "bound: what the floor would cost if storing an image cost nothing)",
+    )
+    parser.add_argument(
         "--wrap-gateway", default="", help='a command prefix for the gateway, e.g. "py-spy record -o p.txt --"'
     )
     parser.add_argument(
@@ -480,6 +487,7 @@ def main() -> None:
             to_durable = post("/v1/images/generations", request, _bearer(durable_key))
             if args.durable_floor:
                 data = {"HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor"), "HDG_FLOOR_KEY": durable_key}
+                data["HDG_FLOOR_FILES"] = args.durable_floor_files
                 if args.database_url and args.database_url.startswith("postgresql"):
                     data["HDG_FLOOR_DATABASE_URL"] = args.database_url  # the same database, a tenant of its own
                 durable_env = env | {"HDG_FLOOR_UPSTREAM": up} | data
@@ -493,6 +501,7 @@ def main() -> None:
                 f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
                 f"backend: {args.backend}; database: {_redacted(args.database_url) or 'SQLite'}; "
                 f"{args.requests} requests per row; data dir under {Path(tmp).parent}"
+                + ("; the durable floor stores no image" if durable and args.durable_floor_files == "none" else "")
             )
             print("concurrency  path         p50 ms   p99 ms   max ms   req/s   >1 s errors   CPU ms    DB ms   box ms")
             for conc in levels:
