@@ -18,12 +18,13 @@ and error answers, routing, health and breakers, metrics, idempotency, webhooks,
 So this prints how far below the gateway's CPU per request a path built only for speed could go on this machine.
 
 With ``HDG_FLOOR_DATABASE_URL`` (``postgresql+asyncpg://...``) the transactions go to that PostgreSQL database
-instead, on the gateway's schema there (migrated if it is not), with its own tenant and key. Each transaction is
-one round trip: the record and the settle are PL/pgSQL functions the floor creates (``hdg_floor_record``,
-``hdg_floor_settle``), called over a pool of asyncpg connections, each call its own transaction. They say the
-SQLite writer's statements and guards, and take the ledger's advisory locks as the gateway does on PostgreSQL. The
-job's lease and deadline lie ahead, as the gateway's do, so a gateway on the same database leaves the floor's jobs
-alone. That is the fewest round trips a request can take on PostgreSQL; the gateway takes eighteen.
+instead, on the gateway's schema there (migrated if it is not), with its own tenant and key (the tenant is disabled
+at shutdown). Each transaction is one round trip: the record and the settle are PL/pgSQL functions the floor
+creates (``hdg_floor_record``, ``hdg_floor_settle``), called over a pool of asyncpg connections that go back to it
+without a reset, each call its own transaction. They say the SQLite writer's statements and guards, and take the
+ledger's advisory locks as the gateway does on PostgreSQL. The job's lease and deadline lie an hour ahead, so a
+gateway on the same database leaves the floor's jobs alone, even one that failed half-way. That is the fewest round
+trips a request can take on PostgreSQL; the gateway takes eighteen.
 
 With ``HDG_FLOOR_FILES=none`` the image is hashed and written nowhere: not a design, a bound on what the floor would
 cost if storing an image cost nothing.
@@ -52,6 +53,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from sqlalchemy.engine import make_url
 
 from gateway.storage.db import open_database
 from gateway.storage.files import LocalFileStore, SavedFile
@@ -234,7 +236,7 @@ PG_FUNCTIONS = (
     "job, route, available_at, deadline_at, lease_owner, lease_expires_at, started_at, cancel_requested, logs, "
     "reserved_usd, reserved_month) VALUES (p_job, p_tenant, p_key, 'hidream-i1-fast', 'processing', p_prompt, "
     "p_params, 1024, 1024, 1, 7, 0, p_now, 'openai', p_spec, 'cheapest', p_now, p_now + interval '1 hour', p_lease, "
-    "p_now + interval '30 seconds', p_now, "
+    "p_now + interval '1 hour', p_now, "
     "false, '', p_price, p_month);\nEND\n$fn$",
     "CREATE OR REPLACE FUNCTION hdg_floor_settle(p_tenant text, p_key text, p_job text, p_lease text, "
     "p_file text, p_size integer, p_sha text, p_path text, p_log json, p_price numeric, p_month text, "
@@ -254,22 +256,36 @@ PG_FUNCTIONS = (
 )
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is (see PgStore.open)."""
+
+
 class PgStore:
     """The record and the settle as one call each, over a pool of asyncpg connections (autocommit: each call is its
     own transaction, and one that raises leaves nothing behind)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.tenant: str | None = None
 
     @classmethod
     async def open(cls, url: str) -> PgStore:
         async with open_database(url):
             pass  # the gateway's own schema, by its migrations
-        dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10)
-        async with pool.acquire() as conn:
-            for function in PG_FUNCTIONS:
-                await conn.execute(function)
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # No reset on release: asyncpg's default says four statements (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+        # ALL) every time a connection goes back, a round trip the gateway's pool does not pay. The functions take
+        # transaction-scoped locks only and set nothing on the session.
+        pool = await asyncpg.create_pool(dsn, min_size=10, max_size=10, reset=_no_reset)
+        try:
+            async with pool.acquire() as conn:
+                for name in ("hdg_floor_record", "hdg_floor_settle"):  # an earlier run's, whatever its parameters
+                    await conn.execute(f"DROP FUNCTION IF EXISTS {name}")
+                for function in PG_FUNCTIONS:
+                    await conn.execute(function)
+        except BaseException:
+            await pool.close()
+            raise
         return cls(pool)
 
     async def record(self, tenant: str, key: str, job_id: str, prompt: str, lease: str) -> None:
@@ -298,6 +314,7 @@ class PgStore:
 
     async def seed(self, tenant: str, key: str, digest: str) -> None:
         now = datetime.now(UTC)
+        self.tenant = tenant
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO tenants (id, name, status, monthly_budget_usd, in_flight, created_at) "
@@ -316,6 +333,9 @@ class PgStore:
                 )
 
     async def close(self) -> None:
+        if self.tenant is not None:  # the database may be shared: the floor's tenant takes no more requests
+            async with self.pool.acquire() as conn:
+                await conn.execute("UPDATE tenants SET status = 'disabled' WHERE id = $1", self.tenant)
         await self.pool.close()
 
 

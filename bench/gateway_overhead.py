@@ -46,6 +46,7 @@ import json
 import multiprocessing
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -168,13 +169,17 @@ async def load(port: int, work: Work, total: int, concurrency: int) -> Result:
     return result
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU seconds a process (all its threads) has used so far; None where /proc is absent."""
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float | None:
+    """User plus system CPU seconds a process (all its threads) has used so far; None where /proc is absent. With
+    ``reaped``, its children's too, those that have ended and been waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu_seconds() -> float | None:
@@ -191,7 +196,8 @@ def machine_cpu_seconds() -> float | None:
 
 
 def postgres_cpu() -> dict[int, float]:
-    """CPU seconds used so far by each of this machine's PostgreSQL server processes, by pid."""
+    """CPU seconds used so far by each of this machine's PostgreSQL server processes, by pid; the postmaster's
+    includes the backends it has reaped (a connection closed, e.g. a pool's overflow given back)."""
     used: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -201,19 +207,21 @@ def postgres_cpu() -> dict[int, float]:
                 continue
         except OSError:
             continue
-        seconds = cpu_seconds(int(entry.name))
+        seconds = cpu_seconds(int(entry.name), reaped=True)
         if seconds is not None:
             used[int(entry.name)] = seconds
     return used
 
 
 def postgres_spent(before: dict[int, float], after: dict[int, float]) -> float | None:
-    """CPU seconds PostgreSQL's processes spent between two readings: those alive at the second (a connection the
-    pool opened meanwhile counts whole; one that ended meanwhile is missed: pooled connections stay open).
+    """CPU seconds PostgreSQL's processes spent between two readings. A backend that ended meanwhile is counted in
+    the postmaster's reaped children, whole: what it had spent by the first reading is taken off again. (A backend
+    that ended but was not yet reaped at the second reading is missed.)
     """
     if not after:
         return None
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+    grown = sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+    return grown - sum(seconds for pid, seconds in before.items() if pid not in after)
 
 
 @dataclass
@@ -432,6 +440,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.floor or args.durable_floor) and args.backend != "worker":
         parser.error("the floors make the worker call: use them with --backend worker")
+    if args.durable_floor_files != "store" and not args.durable_floor:
+        parser.error("--durable-floor-files is for --durable-floor")
     levels = [int(c) for c in args.concurrency.split(",")]
 
     upstream = Upstream(args.backend)
@@ -483,7 +493,7 @@ def main() -> None:
             to_floor = post("/v1/images/generations", request)
             if args.floor:
                 floor, floor_port = serve_floor("floor_proxy", env | {"HDG_FLOOR_UPSTREAM": up}, to_floor)
-            durable_key = "hdg_durable_floor"
+            durable_key = f"hdg_floor_{secrets.token_urlsafe(24)}"  # on a shared database too: nobody's known key
             to_durable = post("/v1/images/generations", request, _bearer(durable_key))
             if args.durable_floor:
                 data = {"HDG_FLOOR_DATA": os.path.join(tmp, "durable-floor"), "HDG_FLOOR_KEY": durable_key}
@@ -538,6 +548,7 @@ def serve_floor(module: str, env: dict[str, str], work: Work) -> tuple[subproces
     """Start ``bench/<module>.py``'s app under uvicorn and warm it up; its process and port."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", f"bench.{module}:app", "--port", str(port), "--log-level", "warning"]
+    command += ["--lifespan", "on"]  # a start-up that fails says why, and stops the process
     proc = subprocess.Popen(command, env=env, cwd=ROOT)
     wait_for_port(port, proc, module)
     warmed = asyncio.run(load(port, work, 200, 4))
