@@ -43,8 +43,6 @@ import json
 import os
 import secrets
 import sqlite3
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -57,6 +55,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.storage.db import open_database
 from gateway.storage.files import LocalFileStore, SavedFile
+from gateway.storage.writer import GroupWriter
 
 UPSTREAM = os.environ.get("HDG_FLOOR_UPSTREAM", "")
 DATA = Path(os.environ.get("HDG_FLOOR_DATA", "durable-floor"))
@@ -75,7 +74,8 @@ SECRET = secrets.token_bytes(32)
 
 @dataclass(frozen=True)
 class Owner:
-    """One side of a hold (the tenant or its key): its statements, written out once for its tables."""
+    """One side of a hold (the tenant or its key): its statements, written out once for its tables, with the
+    placeholders (SQLite's named parameters, or PL/pgSQL's variables) given."""
 
     reserve: str  # the month's reservation, under the budget guard
     take: str  # an in-flight slot, under the cap
@@ -84,24 +84,29 @@ class Owner:
     open: str  # the month's row at zero
 
 
-def _owner(table: str, column: str, owners: str) -> Owner:
-    budget = f"(SELECT monthly_budget_usd FROM {owners} WHERE id = ?)"
-    elsewhere = f"(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{column} = ? AND o.month != ?)"
+def _owner(table: str, column: str, owners: str, *, who: str, month: str, price: str, held: str) -> Owner:
+    budget = f"(SELECT monthly_budget_usd FROM {owners} WHERE id = {who})"
+    elsewhere = (
+        f"(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{column} = {who} AND o.month <> {month})"
+    )
     return Owner(
-        reserve=f"UPDATE {table} SET reserved_usd = round(reserved_usd + ?, 6) WHERE {column} = ? AND month = ? "
-        f"AND ({budget} IS NULL OR round(spent_usd + reserved_usd + ? + {elsewhere}, 6) <= {budget})",
-        take=f"UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = ? AND "
+        reserve=f"UPDATE {table} SET reserved_usd = round(reserved_usd + {price}, 6) WHERE {column} = {who} "
+        f"AND month = {month} AND ({budget} IS NULL OR "
+        f"round(spent_usd + reserved_usd + {price} + {elsewhere}, 6) <= {budget})",
+        take=f"UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = {who} AND "
         "(max_in_flight IS NULL OR in_flight < max_in_flight)",
-        give=f"UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = ?",
-        apply=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES (?, ?, ?, ?) ON CONFLICT "
-        f"({column}, month) DO UPDATE SET spent_usd = round(spent_usd + excluded.spent_usd, 6), "
-        "reserved_usd = round(reserved_usd + excluded.reserved_usd, 6)",
-        open=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES (?, ?, 0, 0)",
+        give=f"UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = {who}",
+        apply=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES ({who}, {month}, {price}, "
+        f"-{held}) ON CONFLICT ({column}, month) DO UPDATE SET spent_usd = round({table}.spent_usd + "
+        f"excluded.spent_usd, 6), reserved_usd = round({table}.reserved_usd + excluded.reserved_usd, 6)",
+        open=f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES ({who}, {month}, 0, 0)",
     )
 
 
 # The tenant's side, then the key's: the order every transaction here takes their rows in, as the ledger's does.
-OWNERS = (_owner("tenant_spend", "tenant_id", "tenants"), _owner("key_spend", "api_key_id", "api_keys"))
+SIDES = (("tenant_spend", "tenant_id", "tenants"), ("key_spend", "api_key_id", "api_keys"))
+_NAMED = {"who": ":who", "month": ":month", "price": ":price", "held": ":held"}
+OWNERS = tuple(_owner(*side, **_NAMED) for side in SIDES)
 
 INSERT_JOB = (
     "INSERT INTO predictions ("
@@ -127,103 +132,55 @@ INSERT_USAGE = (
 )
 
 
-class Writer:
-    """One thread, one connection: what is queued goes in the next transaction, each piece in a savepoint."""
+class Writer(GroupWriter[sqlite3.Connection]):
+    """The gateway's group writer (one thread; what is queued goes in the next transaction) on a bare sqlite3
+    connection, each piece in a savepoint."""
+
+    what = "floor's writer"
 
     def __init__(self, path: Path) -> None:
+        super().__init__("floor-writer")
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
             self.db.execute(f"PRAGMA {pragma}")
-        self.thread = ThreadPoolExecutor(max_workers=1)
-        self.lock = threading.Lock()
-        self.pending: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
-        self.draining = False
 
-    async def run(self, work: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        with self.lock:
-            self.pending.append((work, future, loop))
-            start, self.draining = not self.draining, True
-        if start:
-            self.thread.submit(self.drain)
-        return await future
-
-    def drain(self) -> None:
-        while True:
-            with self.lock:
-                group, self.pending = self.pending, []
-                if not group:
-                    self.draining = False
-                    return
-            try:
-                outcomes = self.commit(group)
-            except Exception as exc:  # BEGIN or COMMIT failed: none of the group is known to have landed
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                outcomes = [(False, exc)] * len(group)
-            for (_, future, loop), outcome in zip(group, outcomes, strict=True):
-                loop.call_soon_threadsafe(_resolve, future, outcome)
-
-    def commit(self, group: list[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> list[tuple[bool, Any]]:
+    def _commit(self, group: list[Any]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        self.db.execute("BEGIN IMMEDIATE")
-        for work, _, _ in group:
-            self.db.execute("SAVEPOINT piece")
-            try:
-                outcomes.append((True, work(self.db)))
-                self.db.execute("RELEASE piece")
-            except Exception as exc:
-                self.db.execute("ROLLBACK TO piece")
-                self.db.execute("RELEASE piece")
-                outcomes.append((False, exc))
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            for item in group:
+                self.db.execute("SAVEPOINT piece")
+                try:
+                    outcomes.append((True, item.work(self.db)))
+                    self.db.execute("RELEASE piece")
+                except Exception as exc:
+                    self.db.execute("ROLLBACK TO piece")
+                    self.db.execute("RELEASE piece")
+                    outcomes.append((False, exc))
+            self.db.execute("COMMIT")
+        except Exception as exc:  # BEGIN or COMMIT failed: none of the group is known to have landed
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            return [(False, exc)] * len(group)
         return outcomes
-
-
-def _resolve(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
-    ok, value = outcome
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
 
 
 # -- PostgreSQL: each transaction one round trip, a function of the floor's own on the gateway's schema ---------------
 
 
-def _pg_owner(table: str, column: str, owners: str, who: str, space: int) -> tuple[str, str, str, str]:
+def _pg_owner(side: tuple[str, str, str], who: str, space: int) -> tuple[str, str, str, str]:
     """PL/pgSQL for one side of the hold: (reserve, take, apply, give), the SQLite writer's statements and guards,
     with the owner's advisory lock before its reservation, as the gateway's ledger takes it on PostgreSQL."""
-    budget = f"(SELECT monthly_budget_usd FROM {owners} WHERE id = {who})"
-    elsewhere = (
-        f"(SELECT coalesce(sum(o.reserved_usd), 0) FROM {table} o WHERE o.{column} = {who} AND o.month <> p_month)"
-    )
+    owner = _owner(*side, who=who, month="p_month", price="p_price", held="held")
     reserve = (
-        f"PERFORM pg_advisory_xact_lock({space}, hashtext({who}));\n  "
-        f"UPDATE {table} s SET reserved_usd = round(s.reserved_usd + p_price, 6) WHERE s.{column} = {who} "
-        f"AND s.month = p_month AND ({budget} IS NULL OR "
-        f"round(s.spent_usd + s.reserved_usd + p_price + {elsewhere}, 6) <= {budget});\n"
+        f"PERFORM pg_advisory_xact_lock({space}, hashtext({who}));\n  {owner.reserve};\n"
         "  IF NOT FOUND THEN RAISE EXCEPTION 'budget'; END IF;"
     )
-    take = (
-        f"UPDATE {owners} SET in_flight = in_flight + 1 WHERE id = {who} "
-        "AND (max_in_flight IS NULL OR in_flight < max_in_flight);\n"
-        "  IF NOT FOUND THEN RAISE EXCEPTION 'in flight'; END IF;"
-    )
-    apply = (
-        f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES ({who}, p_month, p_price, -held) "
-        f"ON CONFLICT ({column}, month) DO UPDATE SET spent_usd = round({table}.spent_usd + excluded.spent_usd, 6), "
-        f"reserved_usd = round({table}.reserved_usd + excluded.reserved_usd, 6);"
-    )
-    give = f"UPDATE {owners} SET in_flight = in_flight - 1 WHERE id = {who};"
-    return reserve, take, apply, give
+    take = f"{owner.take};\n  IF NOT FOUND THEN RAISE EXCEPTION 'in flight'; END IF;"
+    return reserve, take, f"{owner.apply};", f"{owner.give};"
 
 
-_PG_OWNERS = (
-    _pg_owner("tenant_spend", "tenant_id", "tenants", "p_tenant", 0x68640001),
-    _pg_owner("key_spend", "api_key_id", "api_keys", "p_key", 0x68640002),
-)
+_PG_OWNERS = (_pg_owner(SIDES[0], "p_tenant", 0x68640001), _pg_owner(SIDES[1], "p_key", 0x68640002))
 PG_FUNCTIONS = (
     "CREATE OR REPLACE FUNCTION hdg_floor_record(p_tenant text, p_key text, p_job text, p_prompt text, "
     "p_params json, p_spec json, p_price numeric, p_month text, p_now timestamptz, p_lease text) "
@@ -326,11 +283,9 @@ class PgStore:
                 "VALUES ($1, $2, $3, 'hdg_dura', $4, 0)",
                 *(key, tenant, digest, now),
             )
-            for table, column, owner_id in (("tenant_spend", "tenant_id", tenant), ("key_spend", "api_key_id", key)):
-                await conn.execute(
-                    f"INSERT INTO {table} ({column}, month, spent_usd, reserved_usd) VALUES ($1, $2, 0, 0)",
-                    *(owner_id, now.strftime("%Y-%m")),
-                )
+            for side, owner_id in zip(SIDES, (tenant, key), strict=True):
+                opened = _owner(*side, who="$1", month="$2", price="", held="").open
+                await conn.execute(opened, owner_id, now.strftime("%Y-%m"))
 
     async def close(self) -> None:
         if self.tenant is not None:  # the database may be shared: the floor's tenant takes no more requests
@@ -371,10 +326,10 @@ class SqliteStore:
             (key, tenant, digest, now),
         )
         for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
-            db.execute(owner.open, (owner_id, month))
+            db.execute(owner.open, {"who": owner_id, "month": month})
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.writer.thread.shutdown)
+        await asyncio.to_thread(self.writer.stop)
 
 
 class State:
@@ -426,11 +381,10 @@ def _record(tenant: str, key: str, job_id: str, prompt: str, lease: str) -> Any:
 
     def work(db: sqlite3.Connection) -> None:
         for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
-            args = (PRICE, owner_id, month, owner_id, PRICE, owner_id, month, owner_id)
-            if db.execute(owner.reserve, args).rowcount != 1:
+            if db.execute(owner.reserve, {"who": owner_id, "month": month, "price": PRICE}).rowcount != 1:
                 raise RuntimeError("budget")
         for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
-            if db.execute(owner.take, (owner_id,)).rowcount != 1:
+            if db.execute(owner.take, {"who": owner_id}).rowcount != 1:
                 raise RuntimeError("in flight")
         row = (job_id, tenant, key, "hidream-i1-fast", "processing", prompt, params, 1024, 1024, 1, 7, 0, now)
         row += ("openai", job, "cheapest", now, now, lease, now, now, 0, "", PRICE, month)
@@ -450,8 +404,8 @@ def _settle(tenant: str, key: str, job_id: str, lease: str, saved: Any) -> Any:
         file_id = f"file_{secrets.token_hex(12)}"
         db.execute(INSERT_FILE, (file_id, tenant, job_id, saved.size_bytes, saved.sha256, saved.path, now))
         for owner, owner_id in zip(OWNERS, (tenant, key), strict=True):
-            db.execute(owner.apply, (owner_id, month, PRICE, -held))
-            db.execute(owner.give, (owner_id,))
+            db.execute(owner.apply, {"who": owner_id, "month": month, "price": PRICE, "held": held})
+            db.execute(owner.give, {"who": owner_id})
         db.execute(INSERT_USAGE, (job_id, tenant, key, PRICE, 3, now))
         return True
 

@@ -46,49 +46,33 @@ from sqlalchemy.sql import Executable
 from gateway.storage.db import RAW_STATEMENTS, allow_raw, sqlite_pragmas
 
 T = TypeVar("T")
+C = TypeVar("C")  # what a group writer's work is handed: a connection
 log = logging.getLogger("hidream_gateway.storage")
 
 
-class SqliteWriter:
-    """One thread and one connection that commit write transactions on a SQLite file, in groups.
+class GroupWriter(Generic[C]):
+    """One thread that runs queued work in groups: work that arrives while a group runs waits for it, then all of it
+    goes in the next one. What a group is (one transaction, savepoints around each piece) is ``_commit``'s, which
+    answers each piece's outcome, in order; a piece's caller gets its value or its exception.
 
-    Work that arrives while a commit is in progress waits for it, then all of it goes in the next transaction
-    (group commit): one BEGIN and one COMMIT for the group, each piece of work inside its own SAVEPOINT, so one that
-    raises is rolled back alone and the others commit. If the COMMIT itself fails, every piece in the group gets
-    that error (as with any commit that errors, the caller cannot know more), and so does every piece when SQLite
-    rolled the whole transaction back on its own (a full disk, an I/O error).
-
-    Work is committed once it is queued, even if its caller is cancelled before the group runs.
+    Work is run once it is queued, even if its caller is cancelled before the group runs.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine: Engine = create_sync_engine(
-            engine.url.set(drivername="sqlite"),
-            pool_size=1,
-            max_overflow=0,
-            # Python's sqlite3 begins transactions by itself, lazily and deferred; SQLAlchemy's begin does it here
-            # (and SAVEPOINTs then work as SQLAlchemy expects).
-            connect_args={"timeout": 30, "isolation_level": None, "check_same_thread": False},
-        )
-        event.listen(self.engine, "connect", sqlite_pragmas)
-        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        allow_raw(self.engine)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdg-sqlite-writer")
-        # Kept checked out between groups (used on the writer's thread only): a checkout and a check-in per group
-        # cost more than a small group's statements. One the driver reports broken, SQLAlchemy invalidates, and the
-        # next group's begin opens a fresh one.
-        self._conn: Connection | None = None
+    what = "group writer"  # its name in errors and logs
+
+    def __init__(self, thread_name: str) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._closed = False
         self._lock = threading.Lock()
-        self._pending: list[_Work[Any]] = []
+        self._pending: list[_Work[C, Any]] = []
         self._draining = False
 
-    async def run(self, work: Callable[[Connection], T]) -> T:
+    async def run(self, work: Callable[[C], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
             if self._closed:
-                raise RuntimeError("The SQLite writer is closed.")
+                raise RuntimeError(f"The {self.what} is closed.")
             self._pending.append(_Work(work, future, loop))
             start, self._draining = not self._draining, True
         if start:
@@ -105,13 +89,52 @@ class SqliteWriter:
             try:
                 outcomes = self._commit(group)
             except BaseException as exc:  # a piece raised what is no Exception: the group fails, the writer goes on
-                log.exception("the SQLite writer failed a group of %d", len(group))
+                log.exception("the %s failed a group of %d", self.what, len(group))
                 error = exc if isinstance(exc, Exception) else RuntimeError(f"{type(exc).__name__} in the writer")
                 outcomes = [(False, error)] * len(group)
             for item, outcome in zip(group, outcomes, strict=True):
                 item.deliver(outcome)
 
-    def _commit(self, group: list[_Work[Any]]) -> list[tuple[bool, Any]]:
+    def _commit(self, group: list[_Work[C, Any]]) -> list[tuple[bool, Any]]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Run what was queued, then stop; work offered afterwards is refused (RuntimeError)."""
+        with self._lock:
+            self._closed = True
+        self._thread.shutdown(wait=True)
+
+
+class SqliteWriter(GroupWriter[Connection]):
+    """One thread and one connection that commit write transactions on a SQLite file, in groups.
+
+    Each group is one transaction: one BEGIN and one COMMIT, each piece of work inside its own SAVEPOINT, so one that
+    raises is rolled back alone and the others commit. If the COMMIT itself fails, every piece in the group gets
+    that error (as with any commit that errors, the caller cannot know more), and so does every piece when SQLite
+    rolled the whole transaction back on its own (a full disk, an I/O error).
+    """
+
+    what = "SQLite writer"
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__("hdg-sqlite-writer")
+        self.engine: Engine = create_sync_engine(
+            engine.url.set(drivername="sqlite"),
+            pool_size=1,
+            max_overflow=0,
+            # Python's sqlite3 begins transactions by itself, lazily and deferred; SQLAlchemy's begin does it here
+            # (and SAVEPOINTs then work as SQLAlchemy expects).
+            connect_args={"timeout": 30, "isolation_level": None, "check_same_thread": False},
+        )
+        event.listen(self.engine, "connect", sqlite_pragmas)
+        event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        allow_raw(self.engine)
+        # Kept checked out between groups (used on the writer's thread only): a checkout and a check-in per group
+        # cost more than a small group's statements. One the driver reports broken, SQLAlchemy invalidates, and the
+        # next group's begin opens a fresh one.
+        self._conn: Connection | None = None
+
+    def _commit(self, group: list[_Work[Connection, Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         if self._conn is None:
             self._conn = self.engine.connect()
@@ -146,9 +169,7 @@ class SqliteWriter:
 
     def close(self) -> None:
         """Commit what was queued, then stop; work offered afterwards is refused (RuntimeError)."""
-        with self._lock:
-            self._closed = True
-        self._thread.shutdown(wait=True)
+        self.stop()
         if self._conn is not None:  # the thread has ended: nothing else uses the connection now
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -161,8 +182,8 @@ def _in_transaction(conn: Connection) -> bool:
 
 
 @dataclass
-class _Work(Generic[T]):
-    work: Callable[[Connection], T]
+class _Work(Generic[C, T]):
+    work: Callable[[C], T]
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
 
