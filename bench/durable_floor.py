@@ -12,10 +12,11 @@ Per request, on one uvicorn process:
   given back, the slots given back, the usage event), committed before the answer;
 - a JSON answer with an HMAC-signed URL.
 
-Transactions go to one writer thread that commits what is queued together, each piece in a savepoint, as the
-gateway's SQLite writer does. What is left out is what makes the gateway a product rather than a floor: validation
-and error answers, routing, health and breakers, metrics, idempotency, webhooks, failover, leases and recovery.
-So this prints how far below the gateway's CPU per request a path built only for speed could go on this machine.
+Transactions go to the gateway's own group writer (one thread that commits what is queued together), on a bare
+sqlite3 connection, each piece in a savepoint, as the gateway's SQLite writer does. What is left out is what makes
+the gateway a product rather than a floor: validation and error answers, routing, health and breakers, metrics,
+idempotency, webhooks, failover, leases and recovery. So this prints how far below the gateway's CPU per request a
+path built only for speed could go on this machine.
 
 With ``HDG_FLOOR_DATABASE_URL`` (``postgresql+asyncpg://...``) the transactions go to that PostgreSQL database
 instead, on the gateway's schema there (migrated if it is not), with its own tenant and key (the tenant is disabled
